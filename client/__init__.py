@@ -1,0 +1,1 @@
+"""Flower ClientApp adapter for fedllm (thin: Flower <-> fedllm.node)."""

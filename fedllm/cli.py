@@ -1,0 +1,294 @@
+"""fedllm command line: thin — parse, call the library, print."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedllm.config import ConfigError, RunConfig, load_config, parse_set_options
+from fedllm.coordinator import RoundReport, RunFailed, RunSummary
+from fedllm.data import DataError
+from fedllm.model import ModelError
+from fedllm.privacy import PrivacyError
+from fedllm.store import Store, StoreError, default_db_path, fedllm_home, new_run_id
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Federated DP-LoRA fine-tuning of Transformers.")
+
+HomeOpt = Annotated[Path | None, typer.Option(
+    "--home", help="fedllm home (run store, adapters); default $FEDLLM_HOME or ~/.fedllm")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
+
+USER_ERRORS = (ConfigError, DataError, ModelError, PrivacyError, StoreError)
+
+
+def _console() -> Console:
+    return Console(stderr=False, highlight=False)
+
+
+def _err(message: str, code: int = 2) -> typer.Exit:
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "∞"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+class ConsoleObserver:
+    """Progress bar per round and one table row per finished round."""
+
+    def __init__(self, console: Console, config: RunConfig) -> None:
+        self.console = console
+        self.rounds = config.federation.rounds
+        self.task = config.model.task
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("nodes"), TimeElapsedColumn(),
+                                 console=console, transient=True)
+        self._task_id: Any = None
+        self.progress.start()
+        cols = "accuracy  f1_macro" if self.task == "seq-cls" else "perplexity"
+        console.print(f"[bold]round  nodes   loss    {cols}  max ε[/]")
+
+    def round_started(self, rnd: int, num_nodes: int) -> None:
+        self._task_id = self.progress.add_task(f"round {rnd}/{self.rounds}", total=num_nodes)
+
+    def node_replied(self, rnd: int) -> None:
+        if self._task_id is not None:
+            self.progress.advance(self._task_id)
+
+    def round_finished(self, report: RoundReport) -> None:
+        if self._task_id is not None:
+            self.progress.remove_task(self._task_id)
+            self._task_id = None
+        m = report.metrics
+        eps = [n["epsilon"] for n in report.nodes if n.get("epsilon") is not None]
+        nodes = f"{report.num_aggregated}/{len(report.nodes)}" if report.round else "-"
+        if self.task == "seq-cls":
+            body = f"{_fmt(m.get('accuracy')):>8}  {_fmt(m.get('f1_macro')):>8}"
+        else:
+            body = f"{_fmt(m.get('perplexity'), 2):>10}"
+        self.console.print(f"{report.round:>5}  {nodes:>5}  {_fmt(m.get('loss')):>7}  {body}"
+                           f"  {_fmt(max(eps), 3) if eps else '-':>6}")
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _print_summary(console: Console, summary: RunSummary, store: Store, dp: bool) -> None:
+    run = store.get_run(summary.run_id)
+    final = run["rounds"][-1]["metrics"] if run["rounds"] else {}
+    latest: dict[str, dict[str, Any]] = {}
+    for r in run["rounds"]:
+        for n in r["nodes"]:
+            latest[n["node_id"]] = n
+    console.print()
+    console.rule(f"[bold]run {summary.run_id} finished")
+    console.print("final metrics: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(final.items())))
+    t = Table(title="privacy spent per node" if dp else "nodes (DP OFF)")
+    for col in ("node", "examples", "ε (cumulative)", "δ", "noise σ", "last status"):
+        t.add_column(col)
+    for node, n in sorted(latest.items()):
+        t.add_row(node, _fmt(n.get("num_examples")), _fmt(n.get("epsilon"), 3),
+                  _fmt(n.get("delta"), 7) if n.get("delta") else "-",
+                  _fmt(n.get("noise_multiplier"), 3), n.get("status", "-"))
+    console.print(t)
+    if not dp:
+        console.print("[bold red]WARNING: differential privacy was OFF for this run.[/]")
+    ratio = summary.adapter_bytes / summary.model_bytes if summary.model_bytes else 0
+    console.print(f"update size: {summary.adapter_bytes:,} bytes per node per round "
+                  f"({ratio:.2%} of the full model's {summary.model_bytes:,} bytes)")
+    console.print(f"adapter:   {summary.adapter_path}")
+    console.print(f"run store: {summary.db_path}")
+    console.print(f"details:   fedllm status {summary.run_id}")
+    console.print("dashboard: fedllm dashboard   (then open http://localhost:8501)")
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML run config")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="override any config field, e.g. -s train.learning_rate=0.01")] = None,
+    rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
+    nodes: Annotated[int | None, typer.Option(help="number of (virtual) nodes")] = None,
+    nodes_per_round: Annotated[int | None, typer.Option(help="nodes sampled per round")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="target ε for the whole run")] = None,
+    delta: Annotated[float | None, typer.Option(help="δ of the (ε, δ) guarantee")] = None,
+    no_dp: Annotated[bool, typer.Option(
+        "--no-dp", help="train WITHOUT differential privacy (explicit opt-out, logged)")] = False,
+    model_path: Annotated[str | None, typer.Option(help="local Hugging Face model dir")] = None,
+    task: Annotated[str | None, typer.Option(help="seq-cls or causal-lm")] = None,
+    train_data: Annotated[list[str] | None, typer.Option(
+        help="training file (repeat once per node with --set partition.scheme=files)")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="held-out file for evaluation")] = None,
+    text_column: Annotated[str | None, typer.Option(help="text column of training data")] = None,
+    label_column: Annotated[str | None, typer.Option(help="label column")] = None,
+    eval_text_column: Annotated[str | None, typer.Option(help="text column of eval data")] = None,
+    max_examples: Annotated[int | None, typer.Option(help="read at most N training rows")] = None,
+    seed: Annotated[int | None, typer.Option(help="run seed (public)")] = None,
+    home: HomeOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Flower/Ray logs")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Federate DP-LoRA fine-tuning across simulated nodes and record it in the run store."""
+    overrides: dict[str, Any] = {}
+    try:
+        overrides.update(parse_set_options(set_ or []))
+        shortcuts = {
+            "federation.rounds": rounds, "federation.num_nodes": nodes,
+            "federation.nodes_per_round": nodes_per_round, "privacy.target_epsilon": epsilon,
+            "privacy.delta": delta, "model.path": model_path, "model.task": task,
+            "data.train_paths": train_data or None, "data.eval_path": eval_data,
+            "data.text_column": text_column, "data.label_column": label_column,
+            "data.eval_text_column": eval_text_column, "data.max_examples": max_examples,
+            "seed": seed,
+        }
+        overrides.update({k: v for k, v in shortcuts.items() if v is not None})
+        if no_dp:
+            overrides.update({"privacy.enabled": False, "privacy.allow_no_dp": True})
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        raise _err(str(e)) from None
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    console = _console() if not as_json else Console(stderr=True, highlight=False)
+    if not cfg.privacy.enabled:
+        console.print("[bold red]WARNING: differential privacy is OFF (--no-dp). Node updates "
+                      "carry no formal privacy guarantee.[/]")
+    home_dir = fedllm_home(home)
+    run_id = new_run_id()
+    console.print(f"fedllm run [bold]{run_id}[/]: {cfg.federation.num_nodes} nodes, "
+                  f"{cfg.federation.rounds} rounds, task {cfg.model.task}, "
+                  + (f"DP target ε={cfg.privacy.target_epsilon:g} δ={cfg.privacy.delta:g} "
+                     f"({cfg.privacy.accountant})" if cfg.privacy.enabled else "DP OFF"))
+    from server.simulation import simulate
+
+    observer = ConsoleObserver(console, cfg)
+    try:
+        summary = simulate(cfg, home=home_dir, run_id=run_id, observer=observer,
+                           verbose=verbose)
+    except USER_ERRORS as e:
+        observer.close()
+        raise _err(f"{e}\n(run {run_id} recorded as failed in {default_db_path(home_dir)})"
+                   ) from None
+    except RunFailed as e:
+        observer.close()
+        raise _err(f"run {run_id} failed: {e}", code=1) from None
+    except KeyboardInterrupt:
+        observer.close()
+        raise _err(f"run {run_id} interrupted; rounds completed so far are kept", 130) from None
+    observer.close()
+    with Store(default_db_path(home_dir), read_only=True) as store:
+        if as_json:
+            print(json.dumps(store.get_run(run_id), indent=2, default=str))
+        else:
+            _print_summary(console, summary, store, cfg.privacy.enabled)
+
+
+@app.command()
+def runs(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """List recorded runs, newest first."""
+    db = default_db_path(home)
+    if not db.exists():
+        if as_json:
+            print("[]")
+            return
+        _console().print(f"no runs yet (store {db} does not exist): try `fedllm run`")
+        return
+    with Store(db, read_only=True) as store:
+        rows = store.list_runs()
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    t = Table(title=f"runs in {db}")
+    for col in ("run id", "state", "task", "nodes", "rounds", "accuracy / ppl", "max ε", "DP"):
+        t.add_column(col)
+    for r in rows:
+        m = r["final_metrics"]
+        util = m.get("accuracy", m.get("perplexity"))
+        t.add_row(r["run_id"], r["state"], r["task"], str(r["num_nodes"]),
+                  f"{r['last_round'] or 0}/{r['num_rounds']}", _fmt(util),
+                  _fmt(r["max_epsilon"], 3), "on" if r["dp_enabled"] else "[red]OFF[/]")
+    _console().print(t)
+
+
+@app.command()
+def status(
+    run_id: Annotated[str, typer.Argument(help="run id, or 'latest'")] = "latest",
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one run: state, per-round metrics and per-node privacy spend."""
+    db = default_db_path(home)
+    try:
+        with Store(db, read_only=True) as store:
+            run_info = store.get_run(run_id)
+    except StoreError as e:
+        raise _err(str(e)) from None
+    if as_json:
+        print(json.dumps(run_info, indent=2, default=str))
+        return
+    c = _console()
+    c.print(f"[bold]run {run_info['run_id']}[/] ({run_info['name']}): {run_info['state']}, "
+            f"task {run_info['task']}, mode {run_info['mode']}")
+    if run_info.get("error"):
+        c.print(f"[red]error:[/] {run_info['error']}")
+    if not run_info["dp_enabled"]:
+        c.print("[bold red]DIFFERENTIAL PRIVACY OFF for this run[/]")
+    else:
+        c.print(f"DP: target ε={run_info['target_epsilon']:g}, δ={run_info['delta']:g}, "
+                f"accountant {run_info['accountant']}")
+    if not run_info["secure_transport"]:
+        c.print("[yellow]no secure aggregation / TLS in this run (simulation)[/]")
+    c.print(f"model bytes {run_info['model_bytes']}, adapter bytes {run_info['adapter_bytes']},"
+            f" adapter: {run_info['adapter_path']}")
+    t = Table(title="rounds")
+    metric_names = sorted({k for r in run_info["rounds"] for k in r["metrics"]})
+    for col in ["round", "nodes", *metric_names, "max ε"]:
+        t.add_column(col)
+    for r in run_info["rounds"]:
+        eps = [n["epsilon"] for n in r["nodes"] if n.get("epsilon") is not None]
+        t.add_row(str(r["round"]), str(r["num_nodes"]),
+                  *(_fmt(r["metrics"].get(k)) for k in metric_names),
+                  _fmt(max(eps), 3) if eps else "-")
+    c.print(t)
+    nt = Table(title="nodes per round")
+    for col in ("round", "node", "status", "examples", "steps", "σ", "q", "ε", "bytes",
+                "reason"):
+        nt.add_column(col)
+    for r in run_info["rounds"]:
+        for n in r["nodes"]:
+            nt.add_row(str(r["round"]), n["node_id"], n["status"], _fmt(n["num_examples"]),
+                       _fmt(n["steps"]), _fmt(n["noise_multiplier"], 3),
+                       _fmt(n["sample_rate"], 4), _fmt(n["epsilon"], 3),
+                       _fmt(n["update_bytes"]), n["reason"] or "")
+    c.print(nt)
+    for e in run_info["events"]:
+        c.print(f"[{'red' if e['level'] != 'info' else 'dim'}]{e['level']}: {e['message']}[/]")
+
+
+def main() -> None:
+    try:
+        app()
+    except USER_ERRORS as e:  # pragma: no cover - commands convert these already
+        Console(stderr=True).print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

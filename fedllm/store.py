@@ -1,0 +1,259 @@
+"""Run store: SQLite, the only module that writes SQL.
+
+Written as a run progresses (one transaction per round), so a crash loses at most the round in
+flight. Readers (CLI, dashboard) may open it read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('running', 'finished', 'failed', 'interrupted')),
+    created_at REAL NOT NULL,
+    finished_at REAL,
+    mode TEXT NOT NULL,                  -- 'simulation' | 'deployment'
+    task TEXT NOT NULL,
+    model_path TEXT NOT NULL,
+    model_bytes INTEGER,                 -- every parameter of the full model
+    adapter_bytes INTEGER,               -- trainable adapter (what travels)
+    num_rounds INTEGER NOT NULL,
+    num_nodes INTEGER NOT NULL,
+    dp_enabled INTEGER NOT NULL,
+    target_epsilon REAL,
+    delta REAL,
+    accountant TEXT,
+    secure_transport INTEGER NOT NULL DEFAULT 1,
+    label_names TEXT,                    -- JSON list
+    config_json TEXT NOT NULL,
+    adapter_path TEXT,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,              -- 0 = the initial global model, before training
+    started_at REAL NOT NULL,
+    finished_at REAL NOT NULL,
+    num_nodes INTEGER NOT NULL,          -- nodes whose update was aggregated
+    metrics_json TEXT NOT NULL,          -- global held-out metrics after the round
+    PRIMARY KEY (run_id, round)
+);
+CREATE TABLE IF NOT EXISTS node_rounds (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    status TEXT NOT NULL,                -- 'ok' | 'refused' | 'failed' | 'rejected'
+    reason TEXT,
+    num_examples INTEGER,
+    steps INTEGER,
+    noise_multiplier REAL,
+    sample_rate REAL,
+    epsilon REAL,                        -- cumulative ε of the node after this round
+    delta REAL,
+    accountant TEXT,
+    epsilon_limit REAL,
+    update_bytes INTEGER,
+    train_loss REAL,
+    seconds REAL,
+    PRIMARY KEY (run_id, round, node_id)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    time REAL NOT NULL,
+    level TEXT NOT NULL,                 -- 'info' | 'warning' | 'error'
+    message TEXT NOT NULL
+);
+"""
+
+NODE_FIELDS = ("status", "reason", "num_examples", "steps", "noise_multiplier", "sample_rate",
+               "epsilon", "delta", "accountant", "epsilon_limit", "update_bytes", "train_loss",
+               "seconds")
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def fedllm_home(home: str | os.PathLike[str] | None = None) -> Path:
+    """``home`` if given, else ``$FEDLLM_HOME``, else ``~/.fedllm``."""
+    if home is not None:
+        return Path(home).expanduser()
+    return Path(os.environ.get("FEDLLM_HOME") or Path.home() / ".fedllm").expanduser()
+
+
+def default_db_path(home: str | os.PathLike[str] | None = None) -> Path:
+    return fedllm_home(home) / "fedllm.db"
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+class Store:
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        if read_only:
+            if not self.path.exists():
+                raise StoreError(f"run store not found: {self.path}")
+            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30,
+                                         check_same_thread=False)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.executescript(_SCHEMA)
+            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                               (str(SCHEMA_VERSION),))
+            self._conn.commit()
+        self._conn.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        if self.read_only:
+            raise StoreError("store opened read-only")
+        with self._conn:  # commits, or rolls back on exception
+            yield self._conn
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def create_run(self, run_id: str, *, name: str, mode: str, task: str, model_path: str,
+                   num_rounds: int, num_nodes: int, dp_enabled: bool,
+                   target_epsilon: float | None, delta: float | None, accountant: str | None,
+                   secure_transport: bool, config: dict[str, Any]) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO runs (run_id, name, state, created_at, mode, task, model_path,"
+                " num_rounds, num_nodes, dp_enabled, target_epsilon, delta, accountant,"
+                " secure_transport, config_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (run_id, name, "running", time.time(), mode, task, model_path, num_rounds,
+                 num_nodes, int(dp_enabled), target_epsilon, delta, accountant,
+                 int(secure_transport), json.dumps(config, sort_keys=True)),
+            )
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        allowed = {"model_bytes", "adapter_bytes", "label_names", "adapter_path", "state",
+                   "error", "finished_at"}
+        bad = set(fields) - allowed
+        if bad:
+            raise StoreError(f"cannot update run fields {sorted(bad)}")
+        if "label_names" in fields:
+            fields["label_names"] = json.dumps(list(fields["label_names"]))
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self._tx() as c:
+            cur = c.execute(f"UPDATE runs SET {cols} WHERE run_id = ?", (*fields.values(), run_id))
+            if cur.rowcount != 1:
+                raise StoreError(f"unknown run {run_id}")
+
+    def finish_run(self, run_id: str, state: str, error: str | None = None) -> None:
+        self.update_run(run_id, state=state, error=error, finished_at=time.time())
+
+    def record_round(self, run_id: str, rnd: int, *, started_at: float, num_nodes: int,
+                     metrics: dict[str, float], nodes: list[dict[str, Any]]) -> None:
+        """One transaction: the round's global metrics and every node's result."""
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?)",
+                      (run_id, rnd, started_at, time.time(), num_nodes,
+                       json.dumps(metrics, sort_keys=True)))
+            for n in nodes:
+                c.execute(
+                    f"INSERT OR REPLACE INTO node_rounds (run_id, round, node_id, "
+                    f"{', '.join(NODE_FIELDS)}) VALUES (?,?,?,{','.join('?' * len(NODE_FIELDS))})",
+                    (run_id, rnd, n["node_id"], *(n.get(f) for f in NODE_FIELDS)),
+                )
+
+    def add_event(self, run_id: str, level: str, message: str) -> None:
+        with self._tx() as c:
+            c.execute("INSERT INTO events (run_id, time, level, message) VALUES (?,?,?,?)",
+                      (run_id, time.time(), level, message))
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def resolve_run_id(self, run_id: str) -> str:
+        if run_id == "latest":
+            row = self._conn.execute(
+                "SELECT run_id FROM runs ORDER BY created_at DESC, rowid DESC LIMIT 1").fetchone()
+            if row is None:
+                raise StoreError(f"no runs in {self.path}")
+            return str(row["run_id"])
+        row = self._conn.execute("SELECT run_id FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"unknown run {run_id!r} in {self.path}")
+        return run_id
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        rows = self._conn.execute(
+            """SELECT r.*,
+                 (SELECT MAX(round) FROM rounds WHERE run_id = r.run_id) AS last_round,
+                 (SELECT metrics_json FROM rounds WHERE run_id = r.run_id
+                    ORDER BY round DESC LIMIT 1) AS last_metrics,
+                 (SELECT MAX(epsilon) FROM node_rounds WHERE run_id = r.run_id) AS max_epsilon
+               FROM runs r ORDER BY created_at DESC, rowid DESC""").fetchall()
+        out = []
+        for row in rows:
+            d = self._run_dict(row)
+            d["last_round"] = row["last_round"]
+            d["final_metrics"] = json.loads(row["last_metrics"]) if row["last_metrics"] else {}
+            d["max_epsilon"] = row["max_epsilon"]
+            out.append(d)
+        return out
+
+    def _run_dict(self, row: sqlite3.Row) -> dict[str, Any]:
+        d = {k: row[k] for k in row.keys() if k not in ("config_json", "label_names")}
+        d["dp_enabled"] = bool(d["dp_enabled"])
+        d["secure_transport"] = bool(d["secure_transport"])
+        d["label_names"] = json.loads(row["label_names"]) if row["label_names"] else None
+        return d
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        """Everything known about a run: the shape of ``fedllm status --json``."""
+        run_id = self.resolve_run_id(run_id)
+        row = self._conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        run = self._run_dict(row)
+        run["config"] = json.loads(row["config_json"])
+        node_rows = self._conn.execute(
+            "SELECT * FROM node_rounds WHERE run_id = ? ORDER BY round, node_id", (run_id,)
+        ).fetchall()
+        by_round: dict[int, list[dict[str, Any]]] = {}
+        for nr in node_rows:
+            by_round.setdefault(nr["round"], []).append(
+                {"node_id": nr["node_id"], **{f: nr[f] for f in NODE_FIELDS}})
+        rounds = []
+        for rr in self._conn.execute(
+                "SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run_id,)).fetchall():
+            rounds.append({
+                "round": rr["round"],
+                "started_at": rr["started_at"],
+                "finished_at": rr["finished_at"],
+                "num_nodes": rr["num_nodes"],
+                "metrics": json.loads(rr["metrics_json"]),
+                "nodes": by_round.get(rr["round"], []),
+            })
+        run["rounds"] = rounds
+        run["events"] = [dict(e) for e in self._conn.execute(
+            "SELECT time, level, message FROM events WHERE run_id = ? ORDER BY id", (run_id,))]
+        return run

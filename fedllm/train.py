@@ -1,0 +1,243 @@
+"""Private local training: one node's round of DP-SGD on its LoRA adapter (explicit loop).
+
+DP-SGD as in Abadi et al. 2016, via Opacus: Poisson sampling of logical batches with rate
+q = batch_size / N, per-example gradient clipping to ``max_grad_norm``, Gaussian noise of std
+``noise_multiplier * max_grad_norm`` on the summed clipped gradients. Logical batches are large
+(DP needs them) and processed in length-sorted physical chunks (the protocol of Opacus'
+``BatchMemoryManager``); padding is dynamic per physical chunk.
+
+Opacus' ``secure_mode`` (a CSPRNG for noise, needing torchcsprng) is off: noise comes from
+torch's default generator, as in Opacus' own examples.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedllm.data import Collator, TokenizedDataset
+from fedllm.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DPParams:
+    noise_multiplier: float
+    max_grad_norm: float
+    accountant: str = "prv"
+
+
+@dataclass
+class TrainResult:
+    num_examples: int
+    steps: int  # optimizer steps taken (each one is one DP release)
+    sample_rate: float  # q: Poisson sampling probability of each example per step
+    noise_multiplier: float | None  # None when DP is off
+    mean_loss: float  # mean training loss over the round's physical batches
+    seconds: float
+    # Opacus accountant history of this round: [(noise_multiplier, sample_rate, steps)]
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+
+def example_losses(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """Per-example loss, shape (B,).
+
+    Computed per example (not per token across the batch) so that DP-SGD's unit of privacy,
+    the example, is also the unit of the loss.
+    """
+    if task == "seq-cls":
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return F.cross_entropy(logits, batch["labels"], reduction="none")  # (B,)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits[:, :-1, :]  # (B, T-1, V): position t predicts token t+1
+    targets = batch["input_ids"][:, 1:]  # (B, T-1)
+    mask = batch["attention_mask"][:, 1:].to(logits.dtype)  # (B, T-1)
+    tok_loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    ).view_as(mask)
+    return (tok_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B,)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_local(
+    loaded: LoadedModel,
+    dataset: TokenizedDataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    physical_batch_size: int,
+    learning_rate: float,
+    weight_decay: float = 0.0,
+    dp: DPParams | None,
+    seed: int,
+) -> TrainResult:
+    """Train the adapter of ``loaded.model`` in place on ``dataset``.
+
+    ``dp=None`` trains without differential privacy (callers must have an explicit opt-out).
+    """
+    model = loaded.model
+    device = loaded.device
+    n = len(dataset)
+    torch.manual_seed(seed)
+    collate = Collator(pad_token_id=int(loaded.tokenizer.pad_token_id))
+    # Trap: HF models load in eval mode; dropout etc. must be in training mode.
+    model.train()
+    optimizer = torch.optim.AdamW(_trainable(model), lr=learning_rate, weight_decay=weight_decay)
+    t0 = time.perf_counter()
+    if dp is None:
+        result = _train_no_dp(
+            model, dataset, collate, optimizer, device=device, task=loaded.task, epochs=epochs,
+            batch_size=batch_size, physical_batch_size=physical_batch_size, seed=seed,
+        )
+    else:
+        result = _train_dp(
+            model, dataset, collate, optimizer, device=device, task=loaded.task, epochs=epochs,
+            batch_size=batch_size, physical_batch_size=physical_batch_size, dp=dp, seed=seed,
+        )
+    model.eval()
+    result.seconds = time.perf_counter() - t0
+    result.num_examples = n
+    return result
+
+
+def _train_dp(
+    model: nn.Module,
+    dataset: TokenizedDataset,
+    collate: Collator,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    task: str,
+    epochs: int,
+    batch_size: int,
+    physical_batch_size: int,
+    dp: DPParams,
+    seed: int,
+) -> TrainResult:
+    from opacus import PrivacyEngine
+
+    generator = torch.Generator().manual_seed(seed)
+    # batch_size here is the *expected* logical batch: Opacus turns this loader into Poisson
+    # sampling with q = 1 / len(loader) = batch_size / N (rounded to whole batches).
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, generator=generator)
+    # A fresh engine per round; the node's ledger (privacy.py) composes rounds from the
+    # recorded history, so nothing is lost by not keeping this accountant.
+    with warnings.catch_warnings():
+        # Opacus warns that secure_mode is off (documented in the module docstring).
+        warnings.simplefilter("ignore", UserWarning)
+        engine = PrivacyEngine(accountant=dp.accountant)
+        dp_model, dp_opt, dp_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode="hooks",
+        )
+    sample_rate = 1.0 / len(loader)
+    lengths = dataset.lengths()
+    loss_sum, loss_batches = 0.0, 0
+    try:
+        with warnings.catch_warnings():
+            # torch notes that Opacus' full backward hooks fire on modules whose inputs need no
+            # grad (the frozen base); that is expected with LoRA.
+            warnings.filterwarnings("ignore", message="Full backward hook")
+            for _ in range(epochs):
+                # One Poisson-sampled logical batch (list of example indices) per DP step.
+                for logical in dp_loader.batch_sampler:
+                    if len(logical) == 0:
+                        # Empty draw (probability (1-q)^N): nothing to clip or release. Count the
+                        # step anyway so the ledger can only over-, never under-state epsilon.
+                        engine.accountant.step(noise_multiplier=dp.noise_multiplier,
+                                               sample_rate=sample_rate)
+                        continue
+                    # Physical chunks of similar length => little padding. The same protocol as
+                    # Opacus' BatchMemoryManager: clip+accumulate per chunk, noise+step once.
+                    ordered = np.asarray(sorted(logical, key=lengths.__getitem__))
+                    chunks = np.array_split(ordered, math.ceil(len(ordered) / physical_batch_size))
+                    for j, chunk in enumerate(chunks):
+                        dp_opt.signal_skip_step(do_skip=j < len(chunks) - 1)
+                        batch = _to(collate([dataset[int(i)] for i in chunk]), device)
+                        # Mean over the chunk; Opacus rescales per-example grads so the noisy sum is
+                        # divided by the *expected* logical batch size, as DP-SGD prescribes.
+                        loss = example_losses(dp_model, batch, task).mean()
+                        loss.backward()
+                        dp_opt.step()
+                        dp_opt.zero_grad(set_to_none=True)
+                        loss_sum += float(loss.detach())
+                        loss_batches += 1
+        history = [(float(s), float(q), int(k)) for s, q, k in engine.accountant.history]
+    finally:
+        # Remove Opacus hooks and per-sample grad buffers so the same model object is reused
+        # next round without growing memory (no model rebuild per round).
+        dp_model._close()
+        optimizer.zero_grad(set_to_none=True)
+    steps = sum(k for _, _, k in history)
+    return TrainResult(
+        num_examples=len(dataset),
+        steps=steps,
+        sample_rate=sample_rate,
+        noise_multiplier=dp.noise_multiplier,
+        mean_loss=loss_sum / max(loss_batches, 1),
+        seconds=0.0,
+        history=history,
+    )
+
+
+def _train_no_dp(
+    model: nn.Module,
+    dataset: TokenizedDataset,
+    collate: Collator,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    task: str,
+    epochs: int,
+    batch_size: int,
+    physical_batch_size: int,
+    seed: int,
+) -> TrainResult:
+    generator = torch.Generator().manual_seed(seed)
+    n = len(dataset)
+    steps, loss_sum, loss_batches = 0, 0.0, 0
+    lengths = dataset.lengths()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator).numpy()
+        for start in range(0, n, batch_size):
+            logical = np.asarray(sorted(perm[start : start + batch_size], key=lengths.__getitem__))
+            optimizer.zero_grad(set_to_none=True)
+            for chunk in np.array_split(logical, math.ceil(len(logical) / physical_batch_size)):
+                batch = _to(collate([dataset[int(i)] for i in chunk]), device)
+                # Weight each chunk by its share so the step uses the logical-batch mean.
+                loss = example_losses(model, batch, task).mean()
+                (loss * (len(chunk) / len(logical))).backward()
+                loss_sum += float(loss.detach())
+                loss_batches += 1
+            optimizer.step()
+            steps += 1
+    return TrainResult(
+        num_examples=n,
+        steps=steps,
+        sample_rate=min(1.0, batch_size / n),
+        noise_multiplier=None,
+        mean_loss=loss_sum / max(loss_batches, 1),
+        seconds=0.0,
+    )

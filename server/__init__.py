@@ -1,0 +1,1 @@
+"""Flower ServerApp adapter for fedllm (thin: Flower <-> fedllm.coordinator)."""
