@@ -31,12 +31,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of tab
 USER_ERRORS = (ConfigError, DataError, ModelError, PrivacyError, StoreError)
 
 
-def _console() -> Console:
-    return Console(stderr=False, highlight=False)
+def _console(stderr: bool = False) -> Console:
+    # Not a terminal (pipes, CI, tests): a wide console so ids and paths are never wrapped.
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 160)
 
 
 def _err(message: str, code: int = 2) -> typer.Exit:
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}")
+    _console(stderr=True).print(f"[bold red]error:[/] {message}")
     return typer.Exit(code)
 
 
@@ -166,7 +168,7 @@ def run(
         raise _err(str(e)) from None
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    console = _console() if not as_json else Console(stderr=True, highlight=False)
+    console = _console(stderr=as_json)
     if not cfg.privacy.enabled:
         console.print("[bold red]WARNING: differential privacy is OFF (--no-dp). Node updates "
                       "carry no formal privacy guarantee.[/]")
@@ -176,6 +178,14 @@ def run(
                   f"{cfg.federation.rounds} rounds, task {cfg.model.task}, "
                   + (f"DP target ε={cfg.privacy.target_epsilon:g} δ={cfg.privacy.delta:g} "
                      f"({cfg.privacy.accountant})" if cfg.privacy.enabled else "DP OFF"))
+    from fedllm.coordinator import resolve_label_names
+    from fedllm.node import check_simulation_data
+
+    try:  # fail fast, before any process starts or anything is written to the store
+        sizes = check_simulation_data(cfg, resolve_label_names(cfg))
+    except USER_ERRORS as e:
+        raise _err(str(e)) from None
+    console.print("examples per node: " + ", ".join(map(str, sizes)))
     from server.simulation import simulate
 
     observer = ConsoleObserver(console, cfg)
@@ -280,6 +290,18 @@ def status(
     c.print(nt)
     for e in run_info["events"]:
         c.print(f"[{'red' if e['level'] != 'info' else 'dim'}]{e['level']}: {e['message']}[/]")
+
+
+@app.command()
+def dashboard(
+    home: HomeOpt = None,
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8501,
+    address: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+) -> None:
+    """Open the Streamlit dashboard over the run store (read-only)."""
+    from dashboard.launch import launch
+
+    raise typer.Exit(launch(home=fedllm_home(home), port=port, address=address))
 
 
 def main() -> None:

@@ -71,6 +71,27 @@ def simulated_node_data(config: RunConfig, partition_id: int) -> NodeDataSpec:
     )
 
 
+def check_simulation_data(config: RunConfig, label_names: tuple[str, ...]) -> list[int]:
+    """Validate every virtual node's data before a simulation starts (the coordinator can read
+    the files in simulation): file, columns, texts, labels, and enough examples per node for
+    the batch size. Returns the number of examples of each node. Raises DataError."""
+    sizes = []
+    for pid in range(config.federation.num_nodes):
+        spec = simulated_node_data(config, pid)
+        table = read_table(spec.path, text_column=spec.text_column,
+                           label_column=spec.label_column, max_examples=spec.max_examples)
+        labels = encode_labels(table, label_names, spec.label_column) if spec.label_column \
+            else None
+        n = len(table)
+        if spec.partition is not None:
+            scheme, alpha, seed, index, count = spec.partition
+            n = len(partition_indices(len(table), count, scheme=scheme,  # type: ignore[arg-type]
+                                      seed=seed, labels=labels, alpha=alpha)[index])
+        check_trainable_size(n, config.train.batch_size, where=f"node-{pid} ({spec.path})")
+        sizes.append(n)
+    return sizes
+
+
 def node_secret(state_dir: Path) -> bytes:
     """32 random bytes kept by the node (0600). Seeds its sampling and DP noise: the
     coordinator knows the run's public seed, so that seed must never determine the noise."""

@@ -52,13 +52,18 @@ def canonical_history(history: Iterable[tuple[float, float, int]]) -> History:
 
 
 @lru_cache(maxsize=256)
-def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float, name: str) -> float:
+def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float,
+                    name: str) -> float:
     if not history:
         return 0.0
     if any(s == 0 for s, _, _ in history):
         return math.inf  # a noiseless release has no finite ε
     acc = _accountant(name)
     acc.history = list(history)
+    if name == "prv":
+        # PRV gives an upper bound within eps_error; 0.002 keeps it within ~1 % of an exact
+        # PLD computation even at small ε (Opacus' default 0.01 is ~2 % off at ε≈0.5).
+        return float(acc.get_epsilon(delta=delta, eps_error=0.002))
     return float(acc.get_epsilon(delta=delta))
 
 
@@ -119,7 +124,8 @@ class NodeLedger:
     def record(self, run_id: str, rnd: int, history: Sequence[tuple[float, float, int]]) -> float:
         """Append a trained round's releases; returns the new cumulative ε."""
         if self.has_round(run_id, rnd):
-            raise PrivacyError(f"ledger of {self.node}: round {rnd} of run {run_id} already recorded")
+            raise PrivacyError(
+                f"ledger of {self.node}: round {rnd} of run {run_id} already recorded")
         for sigma, q, steps in canonical_history(history):
             eps = self.epsilon(extra=[(sigma, q, steps)])
             self.entries.append(LedgerEntry(run_id, rnd, sigma, q, steps, eps))

@@ -223,7 +223,7 @@ class Store:
         return out
 
     def _run_dict(self, row: sqlite3.Row) -> dict[str, Any]:
-        d = {k: row[k] for k in row.keys() if k not in ("config_json", "label_names")}
+        d = {k: row[k] for k in row.keys() if k not in ("config_json", "label_names")}  # noqa: SIM118
         d["dp_enabled"] = bool(d["dp_enabled"])
         d["secure_transport"] = bool(d["secure_transport"])
         d["label_names"] = json.loads(row["label_names"]) if row["label_names"] else None

@@ -1,0 +1,1 @@
+"""Dashboard pages, one Streamlit script each (registered with st.navigation in app.py)."""

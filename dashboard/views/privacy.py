@@ -1,0 +1,83 @@
+"""Privacy budget: per-node cumulative ε against its limit, accountant inputs, refusals, and
+loud banners when DP was off or transport was not secured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import altair as alt
+import streamlit as st
+
+from dashboard.common import fmt, live_page, show_chart
+from dashboard.data import epsilon_frame, privacy_frame, status_rows
+
+
+def banners(run: dict[str, Any]) -> None:
+    if not run["dp_enabled"]:
+        st.error("**Differential privacy was OFF for this run.** Node updates were trained "
+                 "without DP-SGD: there is no (ε, δ) guarantee for any node's data.",
+                 icon=":material/gpp_bad:")
+    if not run["secure_transport"]:
+        where = " (simulation)" if run["mode"] == "simulation" else ""
+        st.warning(f"**No secure aggregation / TLS{where}.** The coordinator sees each node's "
+                   "(DP-noised) update in the clear; protection rests on differential privacy "
+                   "alone.", icon=":material/warning:")
+    if run["dp_enabled"] and run["secure_transport"]:
+        st.success("DP-SGD on, secure transport on.", icon=":material/verified_user:")
+
+
+def _epsilon_chart(run: dict[str, Any]) -> None:
+    df = epsilon_frame(run)
+    if df.empty:
+        st.info("No ε recorded yet: it appears after the first training round.")
+        return
+    x = alt.X("round:Q", title="Round", axis=alt.Axis(tickMinStep=1, format="d"))
+    y = alt.Y("value:Q", title="Cumulative privacy loss ε")
+    color = alt.Color("node_id:N", title="Node")
+    dash = alt.StrokeDash("series:N", title="Series",
+                          scale=alt.Scale(domain=["ε spent (cumulative)", "ε limit"],
+                                          range=[[1, 0], [6, 4]]))
+    tooltip = [alt.Tooltip("round:Q", title="Round"), alt.Tooltip("node_id:N", title="Node"),
+               alt.Tooltip("series:N", title="Series"),
+               alt.Tooltip("value:Q", title="ε", format=".4f")]
+    chart = (alt.Chart(df, title="Cumulative ε per node vs its limit")
+             .mark_line(point=True)
+             .encode(x=x, y=y, color=color, strokeDash=dash, detail="series:N", tooltip=tooltip)
+             .properties(height=360))
+    show_chart(chart)
+
+
+def render(run: dict[str, Any]) -> None:
+    banners(run)
+    c = st.columns(4)
+    c[0].metric("Target ε (run)", fmt(run.get("target_epsilon"), 3))
+    c[1].metric("δ", "—" if run.get("delta") is None else f"{run['delta']:.2e}")
+    c[2].metric("Accountant", fmt(run.get("accountant")))
+    c[3].metric("Max ε spent (any node)",
+                fmt(max((n["epsilon"] for rd in run["rounds"] for n in rd["nodes"]
+                         if n.get("epsilon") is not None), default=None), 3))
+    _epsilon_chart(run)
+    st.subheader("Budget per node")
+    table = privacy_frame(run)
+    if table.empty:
+        st.info("No node has reported yet.")
+    else:
+        st.dataframe(table, hide_index=True, column_config={
+            "ε spent (last recorded)": st.column_config.NumberColumn(format="%.4f"),
+            "ε limit": st.column_config.NumberColumn(format="%.4f"),
+            "ε remaining (limit − spent)": st.column_config.NumberColumn(format="%.4f"),
+            "δ": st.column_config.NumberColumn(format="%.2e"),
+            "Noise multiplier σ": st.column_config.NumberColumn(format="%.4f"),
+            "Sample rate q": st.column_config.NumberColumn(format="%.4f"),
+        })
+    st.subheader("Refused rounds")
+    refused = status_rows(run, ["refused"])
+    if refused.empty:
+        st.caption("No node refused a round (no budget exhaustion recorded).")
+    else:
+        st.dataframe(refused, hide_index=True)
+    st.caption("ε is cumulative per node as reported by its accountant and stored per round; "
+               "same data: `fedllm status <run> --json`.")
+
+
+live_page("Privacy budget", render)

@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+
+from fedllm.config import ConfigError, RunConfig, load_config, parse_set_options
+
+
+def test_defaults_are_valid_and_private():
+    cfg = load_config()
+    assert cfg.privacy.enabled and cfg.privacy.target_epsilon == 8.0
+    assert cfg.model.task == "seq-cls" and cfg.federation.num_nodes == 3
+    assert Path(cfg.data.resolved_train_paths()[0]).is_file()
+    assert Path(cfg.data.resolved_eval_path()).is_file()
+
+
+def test_toml_file_and_overrides(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('seed = 7\n[federation]\nrounds = 5\n[lora]\nr = 4\n'
+                 'target_modules = ["query", "key"]\n')
+    cfg = load_config(f, parse_set_options(["federation.rounds=2", "train.learning_rate=0.01"]))
+    assert (cfg.seed, cfg.federation.rounds, cfg.lora.r) == (7, 2, 4)
+    assert cfg.lora.target_modules == ("query", "key")
+    assert cfg.train.learning_rate == 0.01
+
+
+def test_config_is_frozen():
+    cfg = RunConfig()
+    with pytest.raises(Exception):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"federation.rounds": 0}, "federation.rounds"),
+    ({"privacy.delta": 2.0}, "privacy.delta"),
+    ({"model.task": "translation"}, "model.task"),
+    ({"lora.rank": 4}, "lora.rank: unknown field"),
+    ({"federation.nodes_per_round": 5}, "nodes_per_round (5) exceeds"),
+    ({"partition.scheme": "files"}, "one data.train_paths entry per node"),
+    ({"train.physical_batch_size": 512}, "physical_batch_size"),
+])
+def test_invalid_values_name_the_field(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert needle in str(e.value)
+
+
+def test_dp_off_must_be_explicit():
+    with pytest.raises(ConfigError, match="allow_no_dp"):
+        load_config(None, {"privacy.enabled": False})
+    cfg = load_config(None, {"privacy.enabled": False, "privacy.allow_no_dp": True})
+    assert not cfg.privacy.enabled
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[federation\nrounds = 2")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_set_option_syntax():
+    assert parse_set_options(["a.b=1", "c='x'", "d=true", "e=[1,2]", "f=word"]) == {
+        "a.b": 1, "c": "x", "d": True, "e": [1, 2], "f": "word"}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_set_options(["novalue"])

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+
+from fedllm.data import tokenize
+from fedllm.evaluate import evaluate
+from fedllm.model import ModelError, load_model, load_trained, save_adapter, state_bytes
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_model(None, task="seq-cls", label_names=("0", "1"), seed=0)
+
+
+def test_default_model_is_minilm_with_mean_pooling_and_small_adapter(minilm):
+    assert minilm.pooling == "mean"  # sentence-transformers checkpoint
+    state = minilm.adapter_state()
+    names = list(state)
+    assert any("lora_A" in n and "query" in n for n in names)
+    assert any("lora_B" in n and "value" in n for n in names)
+    assert any(n.endswith("head.weight") for n in names)
+    assert not any("embeddings" in n for n in names)  # frozen base never travels
+    assert state_bytes(state) <= 0.01 * minilm.full_model_bytes
+    trainable = {n for n, p in minilm.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "head" in n for n in trainable)
+
+
+def test_adapter_roundtrip_and_mismatch(minilm):
+    state = minilm.adapter_state()
+    changed = {k: v + 0.5 for k, v in state.items()}
+    minilm.load_adapter_state(changed)
+    again = minilm.adapter_state()
+    assert all(np.allclose(again[k], changed[k]) for k in state)
+    minilm.load_adapter_state(state)
+    with pytest.raises(ModelError, match="adapter mismatch"):
+        minilm.load_adapter_state({k: v for k, v in list(state.items())[1:]})
+    k0 = next(iter(state))
+    with pytest.raises(ModelError, match="shape"):
+        minilm.load_adapter_state({**state, k0: np.zeros((1, 1), np.float32)})
+
+
+def test_saved_adapter_reloads_with_peft_and_predicts_the_same(minilm, tmp_path):
+    state = minilm.adapter_state()
+    rng = np.random.default_rng(0)
+    minilm.load_adapter_state({k: v + rng.normal(0, 0.05, v.shape).astype(np.float32)
+                               for k, v in state.items()})
+    save_adapter(minilm, tmp_path / "ad")
+    assert (tmp_path / "ad" / "adapter_config.json").is_file()
+    back = load_trained(tmp_path / "ad")
+    ds = tokenize(minilm.tokenizer, ["a fine film", "awful, boring"], np.array([1, 0]),
+                  max_length=32)
+    assert evaluate(back, ds) == pytest.approx(evaluate(minilm, ds))
+    minilm.load_adapter_state(state)
+
+
+def test_bad_model_dirs(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        load_model(str(tmp_path / "nope"), task="seq-cls", label_names=("a", "b"))
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(str(tmp_path), task="seq-cls", label_names=("a", "b"))
+
+
+def test_causal_lm_loads_with_lora(tiny_causal_lm):
+    lm = load_model(str(tiny_causal_lm), task="causal-lm", seed=0)
+    names = list(lm.adapter_state())
+    assert any("q_proj.lora_A" in n for n in names) and lm.task == "causal-lm"
+    ids = torch.tensor([[101, 2000, 2001, 102]])
+    out = lm.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert out.logits.shape[-1] == lm.model.get_base_model().config.vocab_size

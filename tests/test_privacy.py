@@ -1,0 +1,99 @@
+"""ε from fedllm's ledger vs Google's independent dp-accounting library."""
+
+import math
+
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedllm.privacy import (
+    NodeLedger,
+    PrivacyError,
+    calibrate_noise,
+    canonical_history,
+    compute_epsilon,
+    ledger_path,
+)
+
+OPACUS_RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+
+def reference_epsilon(history, delta, accountant):
+    events = [dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+        for sigma, q, steps in history]
+    event = dp_event.ComposedDpEvent(events)
+    if accountant == "prv":
+        acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    else:
+        acc = rdp_privacy_accountant.RdpAccountant(orders=OPACUS_RDP_ORDERS)
+    acc.compose(event)
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_pinned_history_matches_dp_accounting(accountant):
+    # 3 rounds x 8 steps at q=1/8, sigma=0.763 (the demo run's node schedule)
+    history = [(0.763, 0.125, 8)] * 3
+    ours = compute_epsilon(history, delta=1e-5, accountant=accountant)
+    ref = reference_epsilon(history, 1e-5, accountant)
+    assert ours == pytest.approx(ref, rel=0.02)
+    assert 5 < ours < 15
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    rounds=st.lists(st.tuples(st.floats(0.6, 3.0), st.floats(0.01, 0.3), st.integers(1, 40)),
+                    min_size=1, max_size=4),
+    accountant=st.sampled_from(["prv", "rdp"]),
+)
+def test_random_histories_match_dp_accounting(rounds, accountant):
+    ours = compute_epsilon(rounds, delta=1e-5, accountant=accountant)
+    ref = reference_epsilon(canonical_history(rounds), 1e-5, accountant)
+    assert ours == pytest.approx(ref, rel=0.02)
+
+
+def test_calibration_hits_target_for_whole_run():
+    q, steps_per_round, rounds = 0.1, 10, 5
+    sigma = calibrate_noise(target_epsilon=3.0, delta=1e-5, sample_rate=q,
+                            steps=rounds * steps_per_round, accountant="prv")
+    eps = compute_epsilon([(sigma, q, steps_per_round)] * rounds, delta=1e-5, accountant="prv")
+    assert 2.9 < eps <= 3.0
+    # after the first of 5 rounds only part of the budget is spent (≈ sqrt composition)
+    first = compute_epsilon([(sigma, q, steps_per_round)], delta=1e-5, accountant="prv")
+    assert 0.2 * 3.0 < first < 0.6 * 3.0
+
+
+def test_no_noise_means_infinite_epsilon_and_empty_is_zero():
+    assert math.isinf(compute_epsilon([(0.0, 0.1, 3)], delta=1e-5, accountant="rdp"))
+    assert compute_epsilon([], delta=1e-5, accountant="prv") == 0.0
+
+
+def test_ledger_composes_persists_and_refuses_replays(tmp_path):
+    path = ledger_path(tmp_path, "abc")
+    led = NodeLedger.load_or_create(path, node="n0", dataset="abc", accountant="prv", delta=1e-5)
+    e1 = led.record("run1", 1, [(1.0, 0.1, 10)])
+    e2 = led.record("run1", 2, [(1.0, 0.1, 10)])
+    assert 0 < e1 < e2
+    led.save(path)
+    again = NodeLedger.load_or_create(path, node="n0", dataset="abc", accountant="prv",
+                                      delta=1e-5)
+    assert again.epsilon() == pytest.approx(e2)
+    assert again.epsilon() == pytest.approx(compute_epsilon([(1.0, 0.1, 20)], delta=1e-5,
+                                                            accountant="prv"))
+    with pytest.raises(PrivacyError, match="already recorded"):
+        again.record("run1", 2, [(1.0, 0.1, 10)])
+
+
+def test_ledger_never_silently_resets(tmp_path):
+    path = ledger_path(tmp_path, "abc")
+    path.write_text("{corrupted")
+    with pytest.raises(PrivacyError, match="refusing to train"):
+        NodeLedger.load_or_create(path, node="n0", dataset="abc", accountant="prv", delta=1e-5)
+    led = NodeLedger(node="n0", dataset="abc", accountant="prv", delta=1e-5)
+    led.save(path)
+    with pytest.raises(PrivacyError, match="one accountant and δ"):
+        NodeLedger.load_or_create(path, node="n0", dataset="abc", accountant="rdp", delta=1e-5)

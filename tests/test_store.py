@@ -1,0 +1,45 @@
+import pytest
+
+from fedllm.store import Store, StoreError
+
+
+def make_run(store, run_id="r1"):
+    store.create_run(run_id, name="t", mode="simulation", task="seq-cls", model_path="m",
+                     num_rounds=2, num_nodes=2, dp_enabled=True, target_epsilon=8.0,
+                     delta=1e-5, accountant="prv", secure_transport=False, config={"seed": 1})
+
+
+def test_run_lifecycle_and_status_shape(tmp_path):
+    db = tmp_path / "s.db"
+    with Store(db) as s:
+        make_run(s)
+        s.update_run("r1", model_bytes=1000, adapter_bytes=10, label_names=("0", "1"))
+        s.record_round("r1", 0, started_at=0.0, num_nodes=0, metrics={"accuracy": 0.5}, nodes=[])
+        s.record_round("r1", 1, started_at=1.0, num_nodes=1, metrics={"accuracy": 0.7}, nodes=[
+            {"node_id": "node-0", "status": "ok", "num_examples": 10, "epsilon": 1.5,
+             "delta": 1e-5, "update_bytes": 10},
+            {"node_id": "node-1", "status": "refused", "reason": "budget", "epsilon": 7.9}])
+        s.finish_run("r1", "finished")
+    with Store(db, read_only=True) as s:
+        run = s.get_run("latest")
+        assert run["run_id"] == "r1" and run["state"] == "finished"
+        assert run["label_names"] == ["0", "1"] and run["config"] == {"seed": 1}
+        assert [r["round"] for r in run["rounds"]] == [0, 1]
+        n0 = run["rounds"][1]["nodes"][0]
+        assert (n0["node_id"], n0["epsilon"], n0["update_bytes"]) == ("node-0", 1.5, 10)
+        assert run["rounds"][1]["nodes"][1]["reason"] == "budget"
+        (listed,) = s.list_runs()
+        assert listed["max_epsilon"] == 7.9 and listed["final_metrics"] == {"accuracy": 0.7}
+        with pytest.raises(StoreError, match="read-only"):
+            s.add_event("r1", "info", "x")
+
+
+def test_unknown_run_and_empty_store(tmp_path):
+    with Store(tmp_path / "s.db") as s:
+        with pytest.raises(StoreError, match="no runs"):
+            s.get_run("latest")
+        make_run(s)
+        with pytest.raises(StoreError, match="unknown run 'nope'"):
+            s.get_run("nope")
+    with pytest.raises(StoreError, match="not found"):
+        Store(tmp_path / "missing.db", read_only=True)
