@@ -58,26 +58,27 @@ def _rows(path: Path) -> tuple[list[str] | None, list[tuple[int, dict[str, Any]]
         return None, rows
     if suffix not in (".tsv", ".csv", ".txt"):
         raise DataError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv or .jsonl)")
-    delimiter = "," if suffix == ".csv" else "\t"
-    quoting = csv.QUOTE_MINIMAL if suffix == ".csv" else csv.QUOTE_NONE
     with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        if suffix == ".csv":
+            reader = csv.reader(f, delimiter=",", quoting=csv.QUOTE_MINIMAL)
+        else:  # TSV as GLUE ships it: no quoting at all
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         try:
             header = next(reader)
         except StopIteration:
             raise DataError(f"{path}: file is empty (expected a header line)") from None
         header = [h.strip() for h in header]
-        rows = []
+        table_rows: list[tuple[int, dict[str, Any]]] = []
         for row in reader:
-            line = reader.line_num
+            line_no = reader.line_num
             if not row or all(not c.strip() for c in row):
                 continue
             if len(row) != len(header):
                 raise DataError(
-                    f"{path}:{line}: expected {len(header)} fields, found {len(row)}"
+                    f"{path}:{line_no}: expected {len(header)} fields, found {len(row)}"
                 )
-            rows.append((line, dict(zip(header, row, strict=True))))
-    return header, rows
+            table_rows.append((line_no, dict(zip(header, row, strict=True))))
+    return header, table_rows
 
 
 def read_table(

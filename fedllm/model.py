@@ -78,7 +78,7 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
-        hidden = int(encoder.config.hidden_size)
+        hidden = int(encoder.config.hidden_size)  # type: ignore[union-attr,arg-type]
         self.head = nn.Linear(hidden, num_labels)
         # Small init: the head starts near uniform predictions, so the first DP steps are
         # spent learning, not undoing a random classifier.
@@ -186,7 +186,7 @@ def load_model(
         p.requires_grad_(False)  # the whole base is frozen, embeddings included
     lora_cfg = PeftLoraConfig(
         r=lora_r,
-        lora_alpha=lora_alpha,
+        lora_alpha=lora_alpha,  # type: ignore[arg-type]  # PEFT accepts floats
         lora_dropout=lora_dropout,
         target_modules=_lora_targets(base_config, target_modules),
         modules_to_save=modules_to_save or None,
@@ -224,7 +224,8 @@ def load_adapter_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
     for k, ref in current.items():
         arr = state[k]
         if tuple(arr.shape) != tuple(ref.shape):
-            raise ModelError(f"adapter tensor {k}: shape {arr.shape} != expected {tuple(ref.shape)}")
+            raise ModelError(
+                f"adapter tensor {k}: shape {arr.shape} != expected {tuple(ref.shape)}")
         tensors[k] = torch.as_tensor(np.asarray(arr), dtype=ref.dtype, device=ref.device)
     result = set_peft_model_state_dict(model, tensors)  # type: ignore[arg-type]
     unexpected = getattr(result, "unexpected_keys", None)

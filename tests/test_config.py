@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from fedllm.config import ConfigError, RunConfig, load_config, parse_set_options
 
@@ -25,7 +26,7 @@ def test_toml_file_and_overrides(tmp_path):
 
 def test_config_is_frozen():
     cfg = RunConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.seed = 3  # type: ignore[misc]
 
 

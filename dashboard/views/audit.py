@@ -20,45 +20,51 @@ RUN_FIELDS = ("run_id", "name", "state", "mode", "task", "model_path", "model_by
               "accountant", "secure_transport", "label_names", "adapter_path", "error")
 
 
+def _participation(run: dict[str, Any]) -> None:
+    st.subheader("Participation per round")
+    counts = participation_counts(run)
+    if counts.empty:
+        st.info("No training round recorded yet (round 0 is the initial evaluation).")
+        return
+    st.dataframe(counts, hide_index=True)
+    st.caption("Status per node and round (ok = trained and aggregated):")
+    st.dataframe(participation_matrix(run), hide_index=True)
+    nodes = node_rounds_frame(run)
+    problems = nodes[nodes["status"] != "ok"]
+    if problems.empty:
+        st.caption("Every node that was asked trained in every round: no refusal, failure "
+                   "or rejection recorded.")
+    else:
+        st.markdown("**Refused, failed or rejected node-rounds, with reasons**")
+        st.dataframe(problems[["round", "node_id", "status", "reason"]], hide_index=True)
+    with st.expander("Every node-round as stored"):
+        st.dataframe(nodes, hide_index=True)
+
+
+def _events(run: dict[str, Any]) -> None:
+    st.subheader("Events")
+    events = events_frame(run)
+    if events.empty:
+        st.caption("No events recorded.")
+        return
+    levels = st.multiselect("Levels", options=["info", "warning", "error"],
+                            default=["info", "warning", "error"])
+    st.dataframe(events[events["Level"].isin(levels)], hide_index=True)
+
+
 def render(run: dict[str, Any]) -> None:
+    _participation(run)
+    _events(run)
     record = {k: run.get(k) for k in RUN_FIELDS}
     record["created_at"] = fmt_time(run.get("created_at"))
     record["finished_at"] = fmt_time(run.get("finished_at"))
     left, right = st.columns(2)
     with left:
-        st.subheader("Run record")
-        st.json(record, expanded=1)
-    with right:
         st.subheader("Configuration")
         st.json(run.get("config", {}), expanded=1)
-
-    st.subheader("Participation per round")
-    counts = participation_counts(run)
-    if counts.empty:
-        st.info("No training round recorded yet (round 0 is the initial evaluation).")
-    else:
-        st.dataframe(counts, hide_index=True)
-        st.caption("Status per node and round (ok = trained and aggregated):")
-        st.dataframe(participation_matrix(run), hide_index=True)
-        nodes = node_rounds_frame(run)
-        problems = nodes[nodes["status"] != "ok"]
-        if problems.empty:
-            st.caption("Every node that was asked trained in every round: no refusal, failure "
-                       "or rejection recorded.")
-        else:
-            st.markdown("**Refused, failed or rejected node-rounds, with reasons**")
-            st.dataframe(problems[["round", "node_id", "status", "reason"]], hide_index=True)
-        with st.expander("Every node-round as stored"):
-            st.dataframe(nodes, hide_index=True)
-
-    st.subheader("Events")
-    events = events_frame(run)
-    if events.empty:
-        st.caption("No events recorded.")
-    else:
-        levels = st.multiselect("Levels", options=["info", "warning", "error"],
-                                default=["info", "warning", "error"])
-        st.dataframe(events[events["Level"].isin(levels)], hide_index=True)
+    with right:
+        st.subheader("Run record")
+        st.json(record, expanded=1)
 
 
 live_page("Audit", render)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fedllm.coordinator import _load_eval
 from fedllm.config import config_from_dict
+from fedllm.coordinator import _load_eval
 from fedllm.evaluate import evaluate
 from fedllm.model import load_trained
 from tests.conftest import TINY_RUN_ARGS, build_tiny_causal_lm, run_cli
