@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -168,6 +169,12 @@ def run(
         raise _err(str(e)) from None
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # Models are local directories only: never reach for a hub (inherited by node processes).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     console = _console(stderr=as_json)
     if not cfg.privacy.enabled:
         console.print("[bold red]WARNING: differential privacy is OFF (--no-dp). Node updates "
