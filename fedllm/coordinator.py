@@ -18,7 +18,14 @@ import numpy as np
 
 from fedllm.aggregate import UpdateRejected, fedavg, validate_update
 from fedllm.config import RunConfig
-from fedllm.data import encode_labels, infer_label_names, read_table, tokenize
+from fedllm.data import (
+    TextTable,
+    TokenizedDataset,
+    encode_labels,
+    infer_label_names,
+    read_table,
+    tokenize,
+)
 from fedllm.evaluate import evaluate
 from fedllm.model import LoadedModel, load_model, resolve_device, save_adapter, state_bytes
 from fedllm.protocol import TrainReply, TrainRequest
@@ -73,18 +80,22 @@ def run_dir(home: Path, run_id: str) -> Path:
     return home / "runs" / run_id
 
 
-def _load_eval(config: RunConfig, loaded: LoadedModel | None, label_names: tuple[str, ...]
-               ) -> Any:
+def eval_table(config: RunConfig) -> TextTable:
+    """The coordinator's held-out file (labels read for seq-cls only)."""
     d = config.data
-    task = config.model.task
-    table = read_table(d.resolved_eval_path(), text_column=d.eval_text_column or d.text_column,
-                       label_column=(d.eval_label_column or d.label_column)
-                       if task == "seq-cls" else None,
-                       max_examples=d.max_eval_examples)
-    if loaded is None:
-        return table
+    return read_table(
+        d.resolved_eval_path(), text_column=d.eval_text_column or d.text_column,
+        label_column=(d.eval_label_column or d.label_column)
+        if config.model.task == "seq-cls" else None,
+        max_examples=d.max_eval_examples)
+
+
+def eval_dataset(config: RunConfig, loaded: LoadedModel, label_names: tuple[str, ...]
+                 ) -> TokenizedDataset:
+    d = config.data
+    table = eval_table(config)
     labels = (encode_labels(table, label_names, d.eval_label_column or d.label_column)
-              if task == "seq-cls" else None)
+              if config.model.task == "seq-cls" else None)
     return tokenize(loaded.tokenizer, table.texts, labels, max_length=config.model.max_length)
 
 
@@ -94,7 +105,7 @@ def resolve_label_names(config: RunConfig) -> tuple[str, ...]:
         return ()
     if config.data.labels:
         return tuple(config.data.labels)
-    return infer_label_names(_load_eval(config, None, ()))
+    return infer_label_names(eval_table(config))
 
 
 class Coordinator:
@@ -137,7 +148,7 @@ class Coordinator:
                 lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules,
                 device=resolve_device(cfg.train.device), seed=cfg.seed,
             )
-            eval_ds = _load_eval(cfg, loaded, label_names)
+            eval_ds = eval_dataset(cfg, loaded, label_names)
             global_state = loaded.adapter_state()
             model_bytes, adapter_bytes = loaded.full_model_bytes, state_bytes(global_state)
             self.store.update_run(self.run_id, model_bytes=model_bytes,
@@ -175,7 +186,7 @@ class Coordinator:
         log.warning(message)
         self.store.add_event(self.run_id, "warning", message)
 
-    def _round(self, rnd: int, transport: Transport, loaded: LoadedModel, eval_ds: Any,
+    def _round(self, rnd: int, transport: Transport, loaded: LoadedModel, eval_ds: TokenizedDataset,
                global_state: dict[str, np.ndarray], label_names: tuple[str, ...],
                rng: np.random.Generator) -> tuple[dict[str, np.ndarray], RoundReport]:
         cfg = self.config

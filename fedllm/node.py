@@ -17,9 +17,12 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from fedllm.config import RunConfig
 from fedllm.data import (
     DataError,
+    TextTable,
     TokenizedDataset,
     check_trainable_size,
     encode_labels,
@@ -71,6 +74,21 @@ def simulated_node_data(config: RunConfig, partition_id: int) -> NodeDataSpec:
     )
 
 
+def load_node_table(spec: NodeDataSpec, label_names: tuple[str, ...]
+                    ) -> tuple[TextTable, np.ndarray | None]:
+    """Read, validate and (in simulation) partition a node's data: (texts, label ids)."""
+    table = read_table(spec.path, text_column=spec.text_column,
+                       label_column=spec.label_column, max_examples=spec.max_examples)
+    labels = encode_labels(table, label_names, spec.label_column) if spec.label_column else None
+    if spec.partition is not None:
+        scheme, alpha, seed, index, count = spec.partition
+        part = partition_indices(len(table), count, scheme=scheme,  # type: ignore[arg-type]
+                                 seed=seed, labels=labels, alpha=alpha)[index]
+        table = subset(table, part)
+        labels = None if labels is None else labels[part]
+    return table, labels
+
+
 def check_simulation_data(config: RunConfig, label_names: tuple[str, ...]) -> list[int]:
     """Validate every virtual node's data before a simulation starts (the coordinator can read
     the files in simulation): file, columns, texts, labels, and enough examples per node for
@@ -78,17 +96,10 @@ def check_simulation_data(config: RunConfig, label_names: tuple[str, ...]) -> li
     sizes = []
     for pid in range(config.federation.num_nodes):
         spec = simulated_node_data(config, pid)
-        table = read_table(spec.path, text_column=spec.text_column,
-                           label_column=spec.label_column, max_examples=spec.max_examples)
-        labels = encode_labels(table, label_names, spec.label_column) if spec.label_column \
-            else None
-        n = len(table)
-        if spec.partition is not None:
-            scheme, alpha, seed, index, count = spec.partition
-            n = len(partition_indices(len(table), count, scheme=scheme,  # type: ignore[arg-type]
-                                      seed=seed, labels=labels, alpha=alpha)[index])
-        check_trainable_size(n, config.train.batch_size, where=f"node-{pid} ({spec.path})")
-        sizes.append(n)
+        table, _ = load_node_table(spec, label_names)
+        check_trainable_size(len(table), config.train.batch_size,
+                             where=f"node-{pid} ({spec.path})")
+        sizes.append(len(table))
     return sizes
 
 
@@ -141,16 +152,7 @@ class NodeRuntime:
              max_length: int) -> _NodeData:
         key = (spec, loaded.base_path, label_names, max_length)
         if key not in self._data:
-            table = read_table(spec.path, text_column=spec.text_column,
-                               label_column=spec.label_column, max_examples=spec.max_examples)
-            labels = (encode_labels(table, label_names, spec.label_column)
-                      if spec.label_column else None)
-            if spec.partition is not None:
-                scheme, alpha, seed, index, count = spec.partition
-                parts = partition_indices(len(table), count, scheme=scheme,  # type: ignore[arg-type]
-                                          seed=seed, labels=labels, alpha=alpha)
-                table = subset(table, parts[index])
-                labels = None if labels is None else labels[parts[index]]
+            table, labels = load_node_table(spec, label_names)
             ds = tokenize(loaded.tokenizer, table.texts, labels, max_length=max_length)
             if len(self._data) >= 4:
                 self._data.pop(next(iter(self._data)))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fedllm.config import config_from_dict
-from fedllm.coordinator import _load_eval
+from fedllm.coordinator import eval_dataset
 from fedllm.evaluate import evaluate
 from fedllm.model import load_trained
 from tests.conftest import TINY_RUN_ARGS, build_tiny_causal_lm, run_cli
@@ -42,7 +42,7 @@ def test_adapter_reloads_with_peft_and_reproduces_accuracy(tiny_run):
     st = tiny_run["status"]
     model = load_trained(st["adapter_path"])
     cfg = config_from_dict(st["config"])
-    ds = _load_eval(cfg, model, tuple(st["label_names"]))
+    ds = eval_dataset(cfg, model, tuple(st["label_names"]))
     metrics = evaluate(model, ds)
     recorded = st["rounds"][-1]["metrics"]
     assert metrics["accuracy"] == pytest.approx(recorded["accuracy"], abs=1e-9)
