@@ -126,10 +126,6 @@ def sidebar_run_picker(runs: list[dict[str, Any]]) -> str | None:
     return run_id
 
 
-def current_run_id() -> str | None:
-    return st.session_state.get(RUN_KEY)
-
-
 def live(run_state: str, body: Callable[[], None]) -> None:
     """Render ``body`` as a fragment that re-reads the store every few seconds while the run is
     running (no page reload); a finished run renders once."""
@@ -208,7 +204,7 @@ def line_chart(df: pd.DataFrame, *, x: str, y: str, color: str, x_title: str, y_
             .encode(**enc).properties(height=320))
 
 
-def show_chart(chart: alt.Chart) -> None:
+def show_chart(chart: alt.Chart | alt.LayerChart | alt.FacetChart) -> None:
     st.altair_chart(chart, width="stretch")
 
 

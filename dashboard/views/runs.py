@@ -47,6 +47,8 @@ def _on_select(ids: list[str]) -> None:
 
 def _summary(run: dict[str, Any]) -> None:
     st.subheader(f"Selected: {run['name']}")
+    st.caption(f"Run `{run['run_id']}` · model {run['model_path']} · mode {run['mode']} · "
+               f"task {run['task']}")
     key, value = final_metric(run)
     c = st.columns(5)
     c[0].metric("State", run["state"])

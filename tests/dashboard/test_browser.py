@@ -90,6 +90,7 @@ def test_dashboard_in_chromium(tiny_run: dict, tmp_path: Path) -> None:
          "--port", str(port), "--address", "127.0.0.1"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     browser = None
+    texts: dict[str, str] = {}
     try:
         _wait_healthy(url, proc, timeout=90)
         browser = Browser(tmp_path / "chromium-profile")
@@ -106,10 +107,14 @@ def test_dashboard_in_chromium(tiny_run: dict, tmp_path: Path) -> None:
             if os.environ.get("FEDLLM_SAVE_SCREENSHOTS") == "1":
                 DOCS.mkdir(exist_ok=True)
                 (DOCS / shot.name).write_bytes(shot.read_bytes())
-        # the selection in the URL reached every page, and the store values are on screen
+            texts[page] = text
+        # store values are on screen (tables draw on a canvas; metrics are text)
         status = tiny_run["status"]
-        text = browser.open(f"{url}/privacy?run={tiny_run['run_id']}", ["Budget per node"])
-        assert f"{status['rounds'][-1]['nodes'][0]['epsilon']:.4f}" in text
+        max_eps = max(n["epsilon"] for rd in status["rounds"] for n in rd["nodes"])
+        assert f"Max ε spent (any node)\n\n{max_eps:.3f}" in texts["privacy"]
+        accuracy = status["rounds"][-1]["metrics"]["accuracy"]
+        assert f"Final accuracy\n\n{accuracy:.4f}" in texts["runs"]
+        assert f"Final accuracy\n\n{accuracy:.4f}" in texts["utility"]
     finally:
         if browser is not None:
             browser.close()

@@ -227,6 +227,18 @@ def test_query_param_selects_run(synthetic_home: dict, open_page: Open,
     assert at.session_state[RUN_KEY] == "nodp-1"
 
 
+def test_dashboard_never_writes_the_store(synthetic_home: dict, open_page: Open) -> None:
+    home = synthetic_home["home"]
+
+    def snapshot() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(home.iterdir()) if p.is_file()}
+
+    before = snapshot()
+    for page in PAGES:
+        open_page(home, page)
+    assert snapshot() == before
+
+
 # -- access control -----------------------------------------------------------------------------
 
 def test_password_gate(synthetic_home: dict, monkeypatch: pytest.MonkeyPatch) -> None:
