@@ -27,8 +27,8 @@ from fedllm.data import (
     tokenize,
 )
 from fedllm.evaluate import evaluate
-from fedllm.model import LoadedModel, load_model, resolve_device, save_adapter, state_bytes
-from fedllm.protocol import TrainReply, TrainRequest
+from fedllm.model import LoadedModel, load_model, resolve_device, save_adapter
+from fedllm.protocol import TrainReply, TrainRequest, state_bytes
 from fedllm.store import Store
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,6 @@ give them a freshly initialised (random, frozen-under-LoRA) pooler that starves 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -24,8 +23,6 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 Task = Literal["seq-cls", "causal-lm"]
 HEAD_MODULE = "head"
@@ -231,10 +228,6 @@ def load_adapter_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ModelError(f"adapter keys not used by the model: {unexpected[:3]}")
-
-
-def state_bytes(state: dict[str, np.ndarray]) -> int:
-    return int(sum(a.nbytes for a in state.values()))
 
 
 # --------------------------------------------------------------------------------------------

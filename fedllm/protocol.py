@@ -22,6 +22,11 @@ REPLY_METRICS = ("num_examples", "steps", "noise_multiplier", "sample_rate", "ep
                  "epsilon_limit", "train_loss", "seconds")
 
 
+def state_bytes(state: dict[str, np.ndarray]) -> int:
+    """Bytes an adapter state takes on the wire (the update size recorded per node)."""
+    return int(sum(a.nbytes for a in state.values()))
+
+
 @dataclass(frozen=True)
 class TrainRequest:
     run_id: str
@@ -46,15 +51,13 @@ class TrainReply:
 
     def record_fields(self) -> dict[str, Any]:
         """The node's row for the run store (``node_rounds``)."""
-        update_bytes = int(sum(a.nbytes for a in self.arrays.values())) if self.arrays else None
+        update_bytes = state_bytes(self.arrays) if self.arrays else None
         out: dict[str, Any] = {"node_id": self.node, "status": self.status,
                                "reason": self.reason or None,
                                "accountant": self.accountant or None,
                                "update_bytes": update_bytes}
         for k in REPLY_METRICS:
             v = self.metrics.get(k)
-            if k == "train_loss":
-                out["train_loss"] = v
-            elif v is not None:
+            if v is not None:
                 out[k] = int(v) if k in ("num_examples", "steps") else float(v)
         return out

@@ -12,7 +12,6 @@ torch's default generator, as in Opacus' own examples.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import warnings
@@ -26,8 +25,6 @@ from torch.utils.data import DataLoader
 
 from fedllm.data import Collator, TokenizedDataset
 from fedllm.model import LoadedModel
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

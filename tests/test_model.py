@@ -4,7 +4,8 @@ import torch
 
 from fedllm.data import tokenize
 from fedllm.evaluate import evaluate
-from fedllm.model import ModelError, load_model, load_trained, save_adapter, state_bytes
+from fedllm.model import ModelError, load_model, load_trained, save_adapter
+from fedllm.protocol import state_bytes
 
 
 @pytest.fixture(scope="module")
