@@ -1,12 +1,10 @@
-"""fedllm command line: thin — parse, call the library, print."""
+"""`fedllm run`: a federated DP-LoRA run in Flower's simulation engine, with live progress."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,42 +13,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedllm.cli.common import USER_ERRORS, HomeOpt, JsonOpt, app, err, fmt
+from fedllm.cli.common import console as make_console
 from fedllm.config import ConfigError, RunConfig, load_config, parse_set_options
 from fedllm.coordinator import RoundReport, RunFailed, RunSummary
-from fedllm.data import DataError
-from fedllm.model import ModelError
-from fedllm.privacy import PrivacyError
-from fedllm.store import Store, StoreError, default_db_path, fedllm_home, new_run_id
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Federated DP-LoRA fine-tuning of Transformers.")
-
-HomeOpt = Annotated[Path | None, typer.Option(
-    "--home", help="fedllm home (run store, adapters); default $FEDLLM_HOME or ~/.fedllm")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
-
-USER_ERRORS = (ConfigError, DataError, ModelError, PrivacyError, StoreError)
-
-
-def _console(stderr: bool = False) -> Console:
-    # Not a terminal (pipes, CI, tests): a wide console so ids and paths are never wrapped.
-    stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 160)
-
-
-def _err(message: str, code: int = 2) -> typer.Exit:
-    _console(stderr=True).print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code)
-
-
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if math.isinf(v):
-            return "∞"
-        return f"{v:.{digits}f}"
-    return str(v)
+from fedllm.store import Store, default_db_path, fedllm_home, new_run_id
 
 
 class ConsoleObserver:
@@ -83,11 +50,11 @@ class ConsoleObserver:
         eps = [n["epsilon"] for n in report.nodes if n.get("epsilon") is not None]
         nodes = f"{report.num_aggregated}/{len(report.nodes)}" if report.round else "-"
         if self.task == "seq-cls":
-            body = f"{_fmt(m.get('accuracy')):>8}  {_fmt(m.get('f1_macro')):>8}"
+            body = f"{fmt(m.get('accuracy')):>8}  {fmt(m.get('f1_macro')):>8}"
         else:
-            body = f"{_fmt(m.get('perplexity'), 2):>10}"
-        self.console.print(f"{report.round:>5}  {nodes:>5}  {_fmt(m.get('loss')):>7}  {body}"
-                           f"  {_fmt(max(eps), 3) if eps else '-':>6}")
+            body = f"{fmt(m.get('perplexity'), 2):>10}"
+        self.console.print(f"{report.round:>5}  {nodes:>5}  {fmt(m.get('loss')):>7}  {body}"
+                           f"  {fmt(max(eps), 3) if eps else '-':>6}")
 
     def close(self) -> None:
         self.progress.stop()
@@ -102,14 +69,14 @@ def _print_summary(console: Console, summary: RunSummary, store: Store, dp: bool
             latest[n["node_id"]] = n
     console.print()
     console.rule(f"[bold]run {summary.run_id} finished")
-    console.print("final metrics: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(final.items())))
+    console.print("final metrics: " + ", ".join(f"{k}={fmt(v)}" for k, v in sorted(final.items())))
     t = Table(title="privacy spent per node" if dp else "nodes (DP OFF)")
     for col in ("node", "examples", "ε (cumulative)", "δ", "noise σ", "last status"):
         t.add_column(col)
     for node, n in sorted(latest.items()):
-        t.add_row(node, _fmt(n.get("num_examples")), _fmt(n.get("epsilon"), 3),
-                  _fmt(n.get("delta"), 7) if n.get("delta") else "-",
-                  _fmt(n.get("noise_multiplier"), 3), n.get("status", "-"))
+        t.add_row(node, fmt(n.get("num_examples")), fmt(n.get("epsilon"), 3),
+                  fmt(n.get("delta"), 7) if n.get("delta") else "-",
+                  fmt(n.get("noise_multiplier"), 3), n.get("status", "-"))
     console.print(t)
     if not dp:
         console.print("[bold red]WARNING: differential privacy was OFF for this run.[/]")
@@ -166,7 +133,7 @@ def run(
             overrides.update({"privacy.enabled": False, "privacy.allow_no_dp": True})
         cfg = load_config(config, overrides)
     except ConfigError as e:
-        raise _err(str(e)) from None
+        raise err(str(e)) from None
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     # Models are local directories only: never reach for a hub (inherited by node processes).
@@ -175,7 +142,7 @@ def run(
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    console = _console(stderr=as_json)
+    console = make_console(stderr=as_json)
     if not cfg.privacy.enabled:
         console.print("[bold red]WARNING: differential privacy is OFF (--no-dp). Node updates "
                       "carry no formal privacy guarantee.[/]")
@@ -191,7 +158,7 @@ def run(
     try:  # fail fast, before any process starts or anything is written to the store
         sizes = check_simulation_data(cfg, resolve_label_names(cfg))
     except USER_ERRORS as e:
-        raise _err(str(e)) from None
+        raise err(str(e)) from None
     console.print("examples per node: " + ", ".join(map(str, sizes)))
     from server.simulation import simulate
 
@@ -201,123 +168,17 @@ def run(
                            verbose=verbose)
     except USER_ERRORS as e:
         observer.close()
-        raise _err(f"{e}\n(run {run_id} recorded as failed in {default_db_path(home_dir)})"
+        raise err(f"{e}\n(run {run_id} recorded as failed in {default_db_path(home_dir)})"
                    ) from None
     except RunFailed as e:
         observer.close()
-        raise _err(f"run {run_id} failed: {e}", code=1) from None
+        raise err(f"run {run_id} failed: {e}", code=1) from None
     except KeyboardInterrupt:
         observer.close()
-        raise _err(f"run {run_id} interrupted; rounds completed so far are kept", 130) from None
+        raise err(f"run {run_id} interrupted; rounds completed so far are kept", 130) from None
     observer.close()
     with Store(default_db_path(home_dir), read_only=True) as store:
         if as_json:
             print(json.dumps(store.get_run(run_id), indent=2, default=str))
         else:
             _print_summary(console, summary, store, cfg.privacy.enabled)
-
-
-@app.command()
-def runs(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """List recorded runs, newest first."""
-    db = default_db_path(home)
-    if not db.exists():
-        if as_json:
-            print("[]")
-            return
-        _console().print(f"no runs yet (store {db} does not exist): try `fedllm run`")
-        return
-    with Store(db, read_only=True) as store:
-        rows = store.list_runs()
-    if as_json:
-        print(json.dumps(rows, indent=2, default=str))
-        return
-    t = Table(title=f"runs in {db}")
-    for col in ("run id", "state", "task", "nodes", "rounds", "accuracy / ppl", "max ε", "DP"):
-        t.add_column(col)
-    for r in rows:
-        m = r["final_metrics"]
-        util = m.get("accuracy", m.get("perplexity"))
-        t.add_row(r["run_id"], r["state"], r["task"], str(r["num_nodes"]),
-                  f"{r['last_round'] or 0}/{r['num_rounds']}", _fmt(util),
-                  _fmt(r["max_epsilon"], 3), "on" if r["dp_enabled"] else "[red]OFF[/]")
-    _console().print(t)
-
-
-@app.command()
-def status(
-    run_id: Annotated[str, typer.Argument(help="run id, or 'latest'")] = "latest",
-    home: HomeOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Show one run: state, per-round metrics and per-node privacy spend."""
-    db = default_db_path(home)
-    try:
-        with Store(db, read_only=True) as store:
-            run_info = store.get_run(run_id)
-    except StoreError as e:
-        raise _err(str(e)) from None
-    if as_json:
-        print(json.dumps(run_info, indent=2, default=str))
-        return
-    c = _console()
-    c.print(f"[bold]run {run_info['run_id']}[/] ({run_info['name']}): {run_info['state']}, "
-            f"task {run_info['task']}, mode {run_info['mode']}")
-    if run_info.get("error"):
-        c.print(f"[red]error:[/] {run_info['error']}")
-    if not run_info["dp_enabled"]:
-        c.print("[bold red]DIFFERENTIAL PRIVACY OFF for this run[/]")
-    else:
-        c.print(f"DP: target ε={run_info['target_epsilon']:g}, δ={run_info['delta']:g}, "
-                f"accountant {run_info['accountant']}")
-    if not run_info["secure_transport"]:
-        c.print("[yellow]no secure aggregation / TLS in this run (simulation)[/]")
-    c.print(f"model bytes {run_info['model_bytes']}, adapter bytes {run_info['adapter_bytes']},"
-            f" adapter: {run_info['adapter_path']}")
-    t = Table(title="rounds")
-    metric_names = sorted({k for r in run_info["rounds"] for k in r["metrics"]})
-    for col in ["round", "nodes", *metric_names, "max ε"]:
-        t.add_column(col)
-    for r in run_info["rounds"]:
-        eps = [n["epsilon"] for n in r["nodes"] if n.get("epsilon") is not None]
-        t.add_row(str(r["round"]), str(r["num_nodes"]),
-                  *(_fmt(r["metrics"].get(k)) for k in metric_names),
-                  _fmt(max(eps), 3) if eps else "-")
-    c.print(t)
-    nt = Table(title="nodes per round")
-    for col in ("round", "node", "status", "examples", "steps", "σ", "q", "ε", "bytes",
-                "reason"):
-        nt.add_column(col)
-    for r in run_info["rounds"]:
-        for n in r["nodes"]:
-            nt.add_row(str(r["round"]), n["node_id"], n["status"], _fmt(n["num_examples"]),
-                       _fmt(n["steps"]), _fmt(n["noise_multiplier"], 3),
-                       _fmt(n["sample_rate"], 4), _fmt(n["epsilon"], 3),
-                       _fmt(n["update_bytes"]), n["reason"] or "")
-    c.print(nt)
-    for e in run_info["events"]:
-        c.print(f"[{'red' if e['level'] != 'info' else 'dim'}]{e['level']}: {e['message']}[/]")
-
-
-@app.command()
-def dashboard(
-    home: HomeOpt = None,
-    port: Annotated[int, typer.Option(help="HTTP port")] = 8501,
-    address: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
-) -> None:
-    """Open the Streamlit dashboard over the run store (read-only)."""
-    from dashboard.launch import launch
-
-    raise typer.Exit(launch(home=fedllm_home(home), port=port, address=address))
-
-
-def main() -> None:
-    try:
-        app()
-    except USER_ERRORS as e:  # pragma: no cover - commands convert these already
-        Console(stderr=True).print(f"[bold red]error:[/] {e}")
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()
