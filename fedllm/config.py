@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -169,6 +169,45 @@ class RunConfig(_Frozen):
 
 
 # --------------------------------------------------------------------------------------------
+# A node operator's own configuration (deployments). The coordinator never sees or sets it:
+# the node's data, its privacy limit and its credentials are the operator's decision.
+
+
+class NodeInfo(_Frozen):
+    # How this node names itself in replies, ledgers and logs.
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    # The node's persistent state (privacy ledgers, secret). None = $FEDLLM_HOME/nodes/<name>.
+    state_dir: str | None = None
+
+
+class NodeDataConfig(_Frozen):
+    # The operator's private training file (csv / tsv / jsonl); it never leaves the node.
+    path: str
+    text_column: str = "sentence"
+    label_column: str | None = "label"  # None for causal-lm data
+    max_examples: int = Field(0, ge=0)
+
+
+class NodePrivacyConfig(_Frozen):
+    # The operator's ε limit over everything ever trained on this dataset, across runs: the node
+    # refuses any round that would take its cumulative ε above it, whatever the run asks for.
+    max_epsilon: float = Field(8.0, gt=0)
+    # The largest δ the operator accepts; a run planned with a larger δ is refused.
+    delta: float = Field(1e-5, gt=0, lt=1)
+    # Whether this node may train a run that has DP turned off (explicit opt-in, logged).
+    allow_no_dp: bool = False
+
+
+class NodeConfig(_Frozen):
+    node: NodeInfo
+    data: NodeDataConfig
+    privacy: NodePrivacyConfig = NodePrivacyConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------
 # Parsing at the edge
 
 
@@ -224,28 +263,44 @@ def parse_set_options(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None
-) -> RunConfig:
-    """Load a TOML config file (optional), apply dotted overrides and validate."""
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _load(model: type[_M], path: str | Path | None, overrides: dict[str, Any] | None) -> _M:
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
+        data = _read_toml(path)
+        source = str(path)
     if overrides:
         data = apply_overrides(data, overrides)
         source += " + overrides"
     try:
-        return RunConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> RunConfig:
+    """Load a TOML run config file (optional), apply dotted overrides and validate."""
+    return _load(RunConfig, path, overrides)
+
+
+def load_node_config(path: str | Path, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    """Load a node operator's TOML config (``fedllm node ... --config node.toml``)."""
+    return _load(NodeConfig, path, overrides)
 
 
 def config_from_dict(data: dict[str, Any], source: str = "stored config") -> RunConfig:

@@ -66,3 +66,20 @@ def test_set_option_syntax():
         "a.b": 1, "c": "x", "d": True, "e": [1, 2], "f": "word"}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_set_options(["novalue"])
+
+
+def test_node_config_loads_and_names_bad_fields(tmp_path):
+    from fedllm.config import load_node_config
+
+    p = tmp_path / "node.toml"
+    p.write_text('[node]\nname = "hospital-a"\n[data]\npath = "train.csv"\n'
+                 '[privacy]\nmax_epsilon = 3.0\n')
+    cfg = load_node_config(p)
+    assert cfg.node.name == "hospital-a" and cfg.privacy.max_epsilon == 3.0
+    assert cfg.privacy.allow_no_dp is False
+    p.write_text('[node]\nname = "bad name!"\n[data]\npath = "x"\n[privacy]\nmax_epsilon = -1\n')
+    with pytest.raises(ConfigError) as e:
+        load_node_config(p)
+    assert "node.name" in str(e.value) and "privacy.max_epsilon" in str(e.value)
+    with pytest.raises(ConfigError, match="not found"):
+        load_node_config(tmp_path / "missing.toml")
