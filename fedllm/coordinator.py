@@ -111,13 +111,15 @@ def resolve_label_names(config: RunConfig) -> tuple[str, ...]:
 class Coordinator:
     def __init__(self, config: RunConfig, store: Store, *, run_id: str, home: Path,
                  mode: str = "simulation", secure_transport: bool = False,
+                 secure_aggregation: bool = False,
                  observer: RunObserver | None = None) -> None:
         self.config = config
         self.store = store
         self.run_id = run_id
         self.home = home
         self.mode = mode
-        self.secure_transport = secure_transport
+        self.secure_transport = secure_transport  # TLS on every link
+        self.secure_aggregation = secure_aggregation  # coordinator sees masked updates only
         self.observer = observer
 
     def run(self, transport: Transport) -> RunSummary:
@@ -129,14 +131,18 @@ class Coordinator:
             num_rounds=cfg.federation.rounds, num_nodes=cfg.federation.num_nodes,
             dp_enabled=p.enabled, target_epsilon=p.target_epsilon if p.enabled else None,
             delta=p.delta if p.enabled else None, accountant=p.accountant if p.enabled else None,
-            secure_transport=self.secure_transport, config=cfg.to_dict(),
+            secure_transport=self.secure_transport,
+            secure_aggregation=self.secure_aggregation, config=cfg.to_dict(),
         )
         if not p.enabled:
             self._warn("DIFFERENTIAL PRIVACY IS OFF for this run (explicit --no-dp): node "
                        "updates carry no formal privacy guarantee")
-        if not self.secure_transport:
+        if not self.secure_aggregation:
             self._warn("updates are not securely aggregated in this run: the coordinator sees "
                        "each node's (DP-noised) update")
+        if self.mode != "simulation" and not self.secure_transport:
+            self._warn("INSECURE TRANSPORT: this deployment runs without TLS (--insecure); "
+                       "updates and credentials travel in clear")
         reports: list[RoundReport] = []
         adapter_path: str | None = None
         model_bytes = adapter_bytes = 0

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS runs (
     target_epsilon REAL,
     delta REAL,
     accountant TEXT,
-    secure_transport INTEGER NOT NULL DEFAULT 1,
+    secure_transport INTEGER NOT NULL DEFAULT 1,   -- TLS on every link (deployment)
+    secure_aggregation INTEGER NOT NULL DEFAULT 0, -- coordinator sees only masked updates
     label_names TEXT,                    -- JSON list
     config_json TEXT NOT NULL,
     adapter_path TEXT,
@@ -80,6 +81,11 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
+# (table, column, declaration) of columns added after schema version 1 shipped.
+_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("runs", "secure_aggregation", "INTEGER NOT NULL DEFAULT 0"),
+)
+
 NODE_FIELDS = ("status", "reason", "num_examples", "steps", "noise_multiplier", "sample_rate",
                "epsilon", "delta", "accountant", "epsilon_limit", "update_bytes", "train_loss",
                "seconds")
@@ -118,10 +124,19 @@ class Store:
             self._conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.executescript(_SCHEMA)
+            self._add_missing_columns()
             self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                (str(SCHEMA_VERSION),))
             self._conn.commit()
         self._conn.row_factory = sqlite3.Row
+
+    def _add_missing_columns(self) -> None:
+        """Stores created by an older fedllm lack columns added since: add them (with their
+        declared defaults) so old runs stay readable. Tables are created by _SCHEMA."""
+        for table, column, decl in _ADDED_COLUMNS:
+            have = {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         self._conn.close()
@@ -144,15 +159,18 @@ class Store:
     def create_run(self, run_id: str, *, name: str, mode: str, task: str, model_path: str,
                    num_rounds: int, num_nodes: int, dp_enabled: bool,
                    target_epsilon: float | None, delta: float | None, accountant: str | None,
-                   secure_transport: bool, config: dict[str, Any]) -> None:
+                   secure_transport: bool, secure_aggregation: bool = False,
+                   config: dict[str, Any]) -> None:
         with self._tx() as c:
             c.execute(
                 "INSERT INTO runs (run_id, name, state, created_at, mode, task, model_path,"
                 " num_rounds, num_nodes, dp_enabled, target_epsilon, delta, accountant,"
-                " secure_transport, config_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " secure_transport, secure_aggregation, config_json)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (run_id, name, "running", time.time(), mode, task, model_path, num_rounds,
                  num_nodes, int(dp_enabled), target_epsilon, delta, accountant,
-                 int(secure_transport), json.dumps(config, sort_keys=True)),
+                 int(secure_transport), int(secure_aggregation),
+                 json.dumps(config, sort_keys=True)),
             )
 
     def update_run(self, run_id: str, **fields: Any) -> None:
@@ -226,6 +244,7 @@ class Store:
         d = {k: row[k] for k in row.keys() if k not in ("config_json", "label_names")}  # noqa: SIM118
         d["dp_enabled"] = bool(d["dp_enabled"])
         d["secure_transport"] = bool(d["secure_transport"])
+        d["secure_aggregation"] = bool(d["secure_aggregation"])
         d["label_names"] = json.loads(row["label_names"]) if row["label_names"] else None
         return d
 

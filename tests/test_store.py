@@ -43,3 +43,26 @@ def test_unknown_run_and_empty_store(tmp_path):
             s.get_run("nope")
     with pytest.raises(StoreError, match="not found"):
         Store(tmp_path / "missing.db", read_only=True)
+
+
+def test_old_store_gains_new_columns(tmp_path):
+    """A store written before `secure_aggregation` existed opens and reads as False."""
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(
+        "CREATE TABLE runs (run_id TEXT PRIMARY KEY, name TEXT NOT NULL, state TEXT NOT NULL,"
+        " created_at REAL NOT NULL, finished_at REAL, mode TEXT NOT NULL, task TEXT NOT NULL,"
+        " model_path TEXT NOT NULL, model_bytes INTEGER, adapter_bytes INTEGER,"
+        " num_rounds INTEGER NOT NULL, num_nodes INTEGER NOT NULL, dp_enabled INTEGER NOT NULL,"
+        " target_epsilon REAL, delta REAL, accountant TEXT,"
+        " secure_transport INTEGER NOT NULL DEFAULT 1, label_names TEXT,"
+        " config_json TEXT NOT NULL, adapter_path TEXT, error TEXT);"
+        "INSERT INTO runs (run_id, name, state, created_at, mode, task, model_path, num_rounds,"
+        " num_nodes, dp_enabled, config_json) VALUES"
+        " ('r1', 'old', 'finished', 1.0, 'simulation', 'seq-cls', 'm', 1, 1, 1, '{}');")
+    conn.commit()
+    conn.close()
+    with Store(db) as store:
+        assert store.get_run("r1")["secure_aggregation"] is False

@@ -19,6 +19,18 @@ from fedllm.store import StoreError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated DP-LoRA fine-tuning of Transformers.")
 
+# Command groups; each is filled by its own module (see fedllm/cli/__init__.py).
+coordinator_app = typer.Typer(no_args_is_help=True,
+                              help="Coordinator operator: run the Flower SuperLink.")
+node_app = typer.Typer(no_args_is_help=True,
+                       help="Node operator: set up, inspect and start a node (SuperNode).")
+certs_app = typer.Typer(no_args_is_help=True, help="TLS certificates and node keys.")
+audit_app = typer.Typer(no_args_is_help=True, help="Tamper-evident audit log of a run.")
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(node_app, name="node")
+app.add_typer(certs_app, name="certs")
+app.add_typer(audit_app, name="audit")
+
 HomeOpt = Annotated[Path | None, typer.Option(
     "--home", help="fedllm home (run store, adapters); default $FEDLLM_HOME or ~/.fedllm")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
