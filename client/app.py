@@ -37,8 +37,11 @@ def handle_train(msg: Message, context: Context, home: Path) -> Message:
         )
     pid = int(context.node_config["partition-id"])  # type: ignore[arg-type]
     name = f"node-{pid}"
+    # In simulation the person running `fedllm run` is every virtual node's operator, so the
+    # run's explicit DP opt-out stands for theirs too.
     identity = NodeIdentity(name=name,
-                            state_dir=home / "runs" / request.run_id / "nodes" / name)
+                            state_dir=home / "runs" / request.run_id / "nodes" / name,
+                            allow_no_dp=request.config.privacy.allow_no_dp)
     reply = node_runtime().train(request, identity=identity,
                                  data=simulated_node_data(request.config, pid))
     return Message(reply_to_content(reply), reply_to=msg)

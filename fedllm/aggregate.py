@@ -57,3 +57,50 @@ def fedavg(updates: Sequence[tuple[Arrays, float]]) -> dict[str, np.ndarray]:
             acc += arrays[name].astype(np.float64) * (w / total)
         out[name] = acc.astype(np.float32)
     return out
+
+
+def reject_outliers(norms: Mapping[str, float], *, factor: float) -> dict[str, str]:
+    """Median rule: updates farther than ``factor`` × the median distance are outliers.
+
+    ``norms`` maps a node to its update's L2 distance from the global adapter. Needs ≥ 3
+    updates to have a meaningful median; returns {node: reason} for the rejected ones.
+    """
+    if len(norms) < 3:
+        return {}
+    median = float(np.median(list(norms.values())))
+    bound = factor * median
+    return {n: f"update L2 norm {v:.4g} exceeds {factor:g} × the round's median {median:.4g}"
+            for n, v in norms.items() if median > 0 and v > bound}
+
+
+def clip_update(update: Arrays, reference: Arrays, *, clip_norm: float
+                ) -> tuple[dict[str, np.ndarray], float]:
+    """Scale the update's difference to ``reference`` down to L2 norm ≤ ``clip_norm``.
+
+    Node side of central (node-level) DP: bounds one node's influence on the aggregate.
+    Returns (reference + clipped difference, the norm before clipping).
+    """
+    diff = {k: update[k].astype(np.float64) - reference[k].astype(np.float64) for k in reference}
+    norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in diff.values())))
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return ({k: (reference[k].astype(np.float64) + d * scale).astype(np.float32)
+             for k, d in diff.items()}, norm)
+
+
+def central_dp_average(updates: Sequence[Arrays], reference: Arrays, *, expected_nodes: float,
+                       noise_std: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """DP-FedAvg: reference + Σ_i (x_i - reference) / (q·N) + N(0, noise_std²) per coordinate.
+
+    The fixed denominator q·N (not the number of replies) keeps one node's influence bounded by
+    clip_norm / (q·N) whoever is sampled, which is what the accountant assumes. With no update
+    at all the release is the reference plus noise, and it still counts as a round.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, ref in reference.items():
+        ref64 = ref.astype(np.float64)
+        acc = np.zeros(ref.shape, dtype=np.float64)
+        for u in updates:
+            acc += u[name].astype(np.float64) - ref64
+        noise = rng.normal(0.0, noise_std, size=ref.shape) if noise_std > 0 else 0.0
+        out[name] = (ref64 + acc / expected_nodes + noise).astype(np.float32)
+    return out

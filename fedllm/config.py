@@ -87,6 +87,15 @@ class FederationConfig(_Frozen):
     rounds: int = Field(3, ge=1, le=10_000)
     # Seconds to wait for node replies in one round.
     round_timeout: float = Field(3600.0, gt=0)
+    # A round counts when at least this many sampled nodes sent a usable update; otherwise it
+    # is retried (fresh sample) up to max_round_retries times, then the run fails.
+    min_nodes: int = Field(1, ge=1)
+    max_round_retries: int = Field(2, ge=0, le=100)
+    # Update validation before aggregation: reject updates whose L2 distance to the global
+    # adapter exceeds max_update_norm (None = no bound), or exceeds outlier_factor × the median
+    # distance of the round's updates (None = off; needs ≥ 3 updates).
+    max_update_norm: float | None = Field(None, gt=0)
+    outlier_factor: float | None = Field(None, gt=1)
 
     @property
     def sampled_per_round(self) -> int:
@@ -131,6 +140,23 @@ class PrivacyConfig(_Frozen):
         return self.max_epsilon if self.max_epsilon is not None else self.target_epsilon
 
 
+class CentralDPConfig(_Frozen):
+    """Node-level (user-level across organisations) DP at aggregation, on top of the nodes'
+    example-level DP-SGD: each node clips its update to ``clip_norm``; nodes are sampled
+    independently with probability q = nodes_per_round / num_nodes each round; the coordinator
+    averages with the fixed denominator q·N and adds N(0, (σ·clip_norm / (q·N))²) per coordinate
+    (DP-FedAvg, McMahan et al. 2018). Protects against whoever sees the global model; the
+    coordinator itself sees the pre-noise sum."""
+
+    enabled: bool = False
+    clip_norm: float = Field(0.5, gt=0)
+    # σ of the aggregate noise; None = calibrate to target_epsilon over all rounds.
+    noise_multiplier: float | None = Field(None, ge=0)
+    target_epsilon: float = Field(10.0, gt=0)
+    delta: float = Field(1e-3, gt=0, lt=1)
+    accountant: Literal["prv", "rdp", "gdp"] = "rdp"
+
+
 class RunConfig(_Frozen):
     name: str = "fedllm-run"
     seed: int = 42
@@ -141,6 +167,7 @@ class RunConfig(_Frozen):
     federation: FederationConfig = FederationConfig()
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    central_dp: CentralDPConfig = CentralDPConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -157,6 +184,11 @@ class RunConfig(_Frozen):
                     f"partition.scheme='files' needs one data.train_paths entry per node: "
                     f"{n_files} file(s) for federation.num_nodes={fed.num_nodes}"
                 )
+        if fed.min_nodes > fed.sampled_per_round and not self.central_dp.enabled:
+            raise ValueError(
+                f"federation.min_nodes ({fed.min_nodes}) exceeds the nodes sampled per round "
+                f"({fed.sampled_per_round})"
+            )
         if self.train.physical_batch_size > self.train.batch_size:
             raise ValueError(
                 f"train.physical_batch_size ({self.train.physical_batch_size}) exceeds "

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
-import math
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from fedllm.aggregate import clip_update
 from fedllm.config import RunConfig
 from fedllm.data import (
     DataError,
@@ -33,7 +35,7 @@ from fedllm.data import (
     tokenize,
 )
 from fedllm.model import LoadedModel, load_model, resolve_device
-from fedllm.privacy import NodeLedger, PrivacyError, calibrate_noise, ledger_path
+from fedllm.privacy import NodeLedger, PrivacyError, ledger_path, plan_dp_sgd
 from fedllm.protocol import STATUS_OK, STATUS_REFUSED, TrainReply, TrainRequest
 from fedllm.train import DPParams, train_local
 
@@ -54,10 +56,16 @@ class NodeDataSpec:
 
 @dataclass(frozen=True)
 class NodeIdentity:
+    """Who the node is and the operator's own limits; the coordinator cannot change these."""
+
     name: str
-    state_dir: Path  # the node's own persistent state: privacy ledger, secret
+    state_dir: Path  # the node's own persistent state: privacy ledger, secret, releases
     # The operator's ε limit. It wins over the coordinator's plan; None = use the plan's.
     epsilon_limit: float | None = None
+    # The largest δ the operator accepts; a run planned with a larger δ is refused.
+    max_delta: float | None = None
+    # Whether the operator lets this node train runs with DP off.
+    allow_no_dp: bool = False
 
 
 def simulated_node_data(config: RunConfig, partition_id: int) -> NodeDataSpec:
@@ -162,6 +170,15 @@ class NodeRuntime:
     def train(self, request: TrainRequest, *, identity: NodeIdentity,
               data: NodeDataSpec) -> TrainReply:
         cfg = request.config
+        p = cfg.privacy
+        reply = TrainReply(node=identity.name, status=STATUS_OK)
+        # The operator's limits come first: no data is read for a run the node will not join.
+        if not p.enabled and not identity.allow_no_dp:
+            return self._refuse(reply, {}, None, "the run has differential privacy OFF and this "
+                                "node's operator does not allow training without DP")
+        if p.enabled and identity.max_delta is not None and p.delta > identity.max_delta:
+            return self._refuse(reply, {}, None, f"the run asks for δ={p.delta:g}, above this "
+                                f"node's limit δ ≤ {identity.max_delta:g}")
         loaded = self.model(cfg, request.label_names)
         loaded.load_adapter_state(request.arrays)
         node_data = self.data(data, loaded, request.label_names, cfg.model.max_length)
@@ -171,43 +188,46 @@ class NodeRuntime:
         secret = node_secret(identity.state_dir)
         seed = _round_seed(secret, request.run_id, request.round)
         metrics: dict[str, float] = {}
-        reply = TrainReply(node=identity.name, status=STATUS_OK)
 
         dp: DPParams | None = None
         ledger: NodeLedger | None = None
         lpath = ledger_path(identity.state_dir, node_data.fingerprint)
-        if cfg.privacy.enabled:
-            p = cfg.privacy
-            steps_per_epoch = math.ceil(len(ds) / cfg.train.batch_size)
-            q = 1.0 / steps_per_epoch  # Opacus' Poisson rate for this loader
-            round_steps = cfg.train.local_epochs * steps_per_epoch
-            sigma = p.noise_multiplier
-            if sigma is None:
-                # Whole-run calibration: the target ε holds after the *last* round.
-                sigma = calibrate_noise(target_epsilon=p.target_epsilon, delta=p.delta,
-                                        sample_rate=q,
-                                        steps=cfg.federation.rounds * round_steps,
-                                        accountant=p.accountant)
+        if p.enabled:
+            plan = plan_dp_sgd(num_examples=len(ds), batch_size=cfg.train.batch_size,
+                               local_epochs=cfg.train.local_epochs,
+                               rounds=cfg.federation.rounds, target_epsilon=p.target_epsilon,
+                               delta=p.delta, accountant=p.accountant,
+                               noise_multiplier=p.noise_multiplier, project=False)
             ledger = NodeLedger.load_or_create(lpath, node=identity.name,
                                                dataset=node_data.fingerprint,
                                                accountant=p.accountant, delta=p.delta)
             limit = identity.epsilon_limit if identity.epsilon_limit is not None \
                 else p.epsilon_limit
             reply.accountant = p.accountant
-            metrics.update(delta=p.delta, epsilon_limit=limit, noise_multiplier=sigma,
-                           sample_rate=q, num_examples=len(ds))
+            metrics.update(delta=p.delta, epsilon_limit=limit,
+                           noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                           num_examples=len(ds))
             spent = ledger.epsilon()
             if ledger.has_round(request.run_id, request.round):
-                return self._refuse(reply, metrics, spent,
-                                    f"round {request.round} of run {request.run_id} was already "
-                                    "trained by this node (no update is released twice)")
-            projected = ledger.epsilon(extra=[(sigma, q, round_steps)])
+                # A retried or resumed round: re-send exactly what was released (no new ε);
+                # never train it again.
+                replay = load_release(identity.state_dir, request.run_id, request.round)
+                if replay is None:
+                    return self._refuse(reply, metrics, ledger,
+                                        f"round {request.round} of run {request.run_id} was "
+                                        "already trained by this node and its release is not "
+                                        "stored (no update is trained twice)")
+                reply.arrays, reply.metrics = replay
+                reply.metrics["replayed"] = 1
+                reply.ledger = [asdict(e) for e in ledger.entries]
+                return reply
+            projected = ledger.epsilon(extra=plan.round_history())
             if projected > limit:
-                return self._refuse(reply, metrics, spent,
+                return self._refuse(reply, metrics, ledger,
                                     f"privacy budget exhausted: training this round would take "
                                     f"ε from {spent:.3f} to {projected:.3f} > limit {limit:g} "
                                     f"(δ={p.delta:g})")
-            dp = DPParams(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
+            dp = DPParams(noise_multiplier=plan.noise_multiplier, max_grad_norm=p.max_grad_norm,
                           accountant=p.accountant)
 
         result = train_local(
@@ -216,27 +236,63 @@ class NodeRuntime:
             learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
             dp=dp, seed=seed,
         )
-        if ledger is not None:
-            # Persist the spend *before* the update leaves the node.
-            metrics["epsilon"] = ledger.record(request.run_id, request.round, result.history)
-            ledger.save(lpath)
+        arrays = loaded.adapter_state()
+        if cfg.central_dp.enabled:
+            # Node-level DP: bound this node's influence before anything leaves it.
+            arrays, _ = clip_update(arrays, request.arrays, clip_norm=cfg.central_dp.clip_norm)
         metrics.update(num_examples=result.num_examples, steps=result.steps,
                        sample_rate=result.sample_rate, train_loss=result.mean_loss,
                        seconds=result.seconds)
-        reply.arrays = loaded.adapter_state()
+        if ledger is not None:
+            # Persist the spend and the release *before* the update leaves the node.
+            metrics["epsilon"] = ledger.record(request.run_id, request.round, result.history)
+            save_release(identity.state_dir, request.run_id, request.round, arrays, metrics)
+            ledger.save(lpath)
+            reply.ledger = [asdict(e) for e in ledger.entries]
+        reply.arrays = arrays
         reply.metrics = metrics
         return reply
 
     @staticmethod
-    def _refuse(reply: TrainReply, metrics: dict[str, float], spent: float,
+    def _refuse(reply: TrainReply, metrics: dict[str, float], ledger: NodeLedger | None,
                 reason: str) -> TrainReply:
         log.warning("%s refuses to train: %s", reply.node, reason)
         reply.status = STATUS_REFUSED
         reply.reason = reason
-        metrics["epsilon"] = spent
+        if ledger is not None:
+            metrics["epsilon"] = ledger.epsilon()
+            reply.ledger = [asdict(e) for e in ledger.entries]
         metrics["steps"] = 0
         reply.metrics = metrics
         return reply
+
+
+def _release_path(state_dir: Path, run_id: str, rnd: int) -> Path:
+    return state_dir / "releases" / run_id / f"round-{rnd}.npz"
+
+
+def save_release(state_dir: Path, run_id: str, rnd: int, arrays: dict[str, np.ndarray],
+                 metrics: dict[str, float]) -> None:
+    """Keep what this node released for (run, round), so a retried or resumed round re-sends
+    the same update instead of training (and spending ε) again. Atomic write."""
+    path = _release_path(state_dir, run_id, rnd)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    meta = np.frombuffer(json.dumps(metrics).encode(), dtype=np.uint8)
+    payload: dict[str, Any] = {"__metrics__": meta, **arrays}
+    np.savez(tmp, **payload)
+    os.replace(tmp, path)
+
+
+def load_release(state_dir: Path, run_id: str, rnd: int
+                 ) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:
+    path = _release_path(state_dir, run_id, rnd)
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if k != "__metrics__"}
+        metrics = json.loads(z["__metrics__"].tobytes().decode())
+    return arrays, metrics
 
 
 __all__ = ["DataError", "NodeDataSpec", "NodeIdentity", "NodeRuntime", "PrivacyError",

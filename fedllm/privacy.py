@@ -94,6 +94,68 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
 
 
 @dataclass(frozen=True)
+class DPSGDPlan:
+    """A node's DP-SGD plan for a whole run, fixed before the first round."""
+
+    num_examples: int
+    sample_rate: float  # Poisson rate q = 1 / steps per epoch (≈ batch_size / N)
+    steps_per_round: int
+    rounds: int
+    noise_multiplier: float
+    projected_epsilon: tuple[float, ...]  # cumulative ε after each round of this run alone
+    calibrated: bool  # σ calibrated to the target (False: σ given explicitly)
+
+    def round_history(self) -> History:
+        return [(self.noise_multiplier, self.sample_rate, self.steps_per_round)]
+
+
+def plan_dp_sgd(*, num_examples: int, batch_size: int, local_epochs: int, rounds: int,
+                target_epsilon: float, delta: float, accountant: str,
+                noise_multiplier: float | None = None, project: bool = True) -> DPSGDPlan:
+    """Calibrate σ once for the whole horizon (rounds × local steps at the node's rate) so the
+    target ε holds after the *last* round; optionally project ε after each round."""
+    steps_per_epoch = math.ceil(num_examples / batch_size)
+    q = 1.0 / steps_per_epoch  # what Opacus' DPDataLoader uses for this dataset size
+    round_steps = local_epochs * steps_per_epoch
+    calibrated = noise_multiplier is None
+    sigma = calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=q,
+                            steps=rounds * round_steps, accountant=accountant) \
+        if noise_multiplier is None else float(noise_multiplier)
+    projected = tuple(compute_epsilon([(sigma, q, r * round_steps)], delta=delta,
+                                      accountant=accountant)
+                      for r in range(1, rounds + 1)) if project else ()
+    return DPSGDPlan(num_examples, q, round_steps, rounds, sigma, projected, calibrated)
+
+
+@dataclass(frozen=True)
+class CentralPlan:
+    """Node-level DP at aggregation (see config.CentralDPConfig): one Gaussian release per
+    round, each node sampled independently with probability ``sample_rate``."""
+
+    sample_rate: float
+    expected_nodes: float  # the fixed denominator q·N of the average
+    clip_norm: float
+    noise_multiplier: float
+    noise_std: float  # per coordinate of the averaged update: σ·C / (q·N)
+    rounds: int
+    projected_epsilon: tuple[float, ...]
+
+
+def plan_central_dp(*, num_nodes: int, nodes_per_round: int, rounds: int, clip_norm: float,
+                    target_epsilon: float, delta: float, accountant: str,
+                    noise_multiplier: float | None = None) -> CentralPlan:
+    q = nodes_per_round / num_nodes
+    sigma = calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=q,
+                            steps=rounds, accountant=accountant) \
+        if noise_multiplier is None else float(noise_multiplier)
+    expected = q * num_nodes
+    projected = tuple(compute_epsilon([(sigma, q, r)], delta=delta, accountant=accountant)
+                      for r in range(1, rounds + 1))
+    return CentralPlan(q, expected, clip_norm, sigma, sigma * clip_norm / expected, rounds,
+                       projected)
+
+
+@dataclass(frozen=True)
 class LedgerEntry:
     run_id: str
     round: int
@@ -112,6 +174,19 @@ class NodeLedger:
     accountant: str
     delta: float
     entries: list[LedgerEntry] = field(default_factory=list)
+    # Explicit operator resets, kept forever: {time, operator, reason, epsilon_before, entries}.
+    resets: list[dict[str, Any]] = field(default_factory=list)
+
+    def reset(self, *, operator: str, reason: str, now: float) -> dict[str, Any]:
+        """Start again from zero spent ε, keeping the old entries in ``resets`` (an operator's
+        explicit, recorded decision, e.g. after the data was replaced)."""
+        if not reason.strip():
+            raise PrivacyError("a ledger reset needs a reason (it is kept in the ledger)")
+        record = {"time": now, "operator": operator, "reason": reason,
+                  "epsilon_before": self.epsilon(), "entries": [asdict(e) for e in self.entries]}
+        self.resets.append(record)
+        self.entries = []
+        return record
 
     def history(self) -> History:
         return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries]
@@ -138,13 +213,15 @@ class NodeLedger:
     def to_json(self) -> str:
         return json.dumps({"node": self.node, "dataset": self.dataset,
                            "accountant": self.accountant, "delta": self.delta,
-                           "entries": [asdict(e) for e in self.entries]}, indent=1)
+                           "entries": [asdict(e) for e in self.entries],
+                           "resets": self.resets}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> NodeLedger:
         d = json.loads(text)
         return cls(node=d["node"], dataset=d["dataset"], accountant=d["accountant"],
-                   delta=float(d["delta"]), entries=[LedgerEntry(**e) for e in d["entries"]])
+                   delta=float(d["delta"]), entries=[LedgerEntry(**e) for e in d["entries"]],
+                   resets=list(d.get("resets", [])))
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

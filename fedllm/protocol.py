@@ -19,7 +19,8 @@ STATUS_REFUSED = "refused"  # the node declined (e.g. its privacy budget would b
 
 # Numeric fields of a train reply (sent as a Flower MetricRecord).
 REPLY_METRICS = ("num_examples", "steps", "noise_multiplier", "sample_rate", "epsilon", "delta",
-                 "epsilon_limit", "train_loss", "seconds")
+                 "epsilon_limit", "train_loss", "seconds",
+                 "replayed")  # 1 = the node re-sent its stored release of this round
 
 
 def state_bytes(state: dict[str, np.ndarray]) -> int:
@@ -44,6 +45,9 @@ class TrainReply:
     accountant: str = ""
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    # The node's whole ledger for its dataset (LedgerEntry dicts), so the run store keeps a
+    # copy; the node's own file remains the authority.
+    ledger: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -6,15 +6,18 @@ flight. Readers (CLI, dashboard) may open it read-only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from fedllm.audit import AuditEntry, next_entry
 
 SCHEMA_VERSION = 1
 
@@ -72,6 +75,41 @@ CREATE TABLE IF NOT EXISTS node_rounds (
     seconds REAL,
     PRIMARY KEY (run_id, round, node_id)
 );
+CREATE TABLE IF NOT EXISTS audit_log (   -- hash chain per run, see fedllm/audit.py
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    time REAL NOT NULL,
+    actor TEXT NOT NULL,
+    event TEXT NOT NULL,
+    payload_json TEXT NOT NULL,
+    payload_hash TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (  -- global adapter after the last completed round
+    run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    adapter_npz BLOB NOT NULL,
+    sha256 TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS privacy_ledger (
+    -- A copy of each node's own ledger as it reported it (the node's file is the authority),
+    -- and the coordinator's node-level (central DP) ledger under node_id '*central*'.
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    node_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,                  -- 'example' (DP-SGD at the node) | 'node' (central DP)
+    entry_run_id TEXT NOT NULL,          -- the run that spent it (earlier runs on the same data)
+    entry_round INTEGER NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    sample_rate REAL NOT NULL,
+    steps INTEGER NOT NULL,
+    epsilon REAL NOT NULL,               -- cumulative ε after this entry
+    delta REAL NOT NULL,
+    accountant TEXT NOT NULL,
+    PRIMARY KEY (run_id, node_id, seq)
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id TEXT NOT NULL,
@@ -85,6 +123,8 @@ CREATE TABLE IF NOT EXISTS events (
 _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("runs", "secure_aggregation", "INTEGER NOT NULL DEFAULT 0"),
 )
+
+CENTRAL_LEDGER_ID = "*central*"  # node_id of the coordinator's node-level DP ledger
 
 NODE_FIELDS = ("status", "reason", "num_examples", "steps", "noise_multiplier", "sample_rate",
                "epsilon", "delta", "accountant", "epsilon_limit", "update_bytes", "train_loss",
@@ -191,8 +231,11 @@ class Store:
         self.update_run(run_id, state=state, error=error, finished_at=time.time())
 
     def record_round(self, run_id: str, rnd: int, *, started_at: float, num_nodes: int,
-                     metrics: dict[str, float], nodes: list[dict[str, Any]]) -> None:
-        """One transaction: the round's global metrics and every node's result."""
+                     metrics: dict[str, float], nodes: list[dict[str, Any]],
+                     audit: Sequence[tuple[str, str, dict[str, Any]]] = (),
+                     checkpoint: bytes | None = None) -> None:
+        """One transaction: the round's global metrics, every node's result, the round's audit
+        entries ``(actor, event, payload)`` and the new global adapter (``checkpoint``, .npz)."""
         with self._tx() as c:
             c.execute("INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?)",
                       (run_id, rnd, started_at, time.time(), num_nodes,
@@ -203,6 +246,41 @@ class Store:
                     f"{', '.join(NODE_FIELDS)}) VALUES (?,?,?,{','.join('?' * len(NODE_FIELDS))})",
                     (run_id, rnd, n["node_id"], *(n.get(f) for f in NODE_FIELDS)),
                 )
+            for actor, event, payload in audit:
+                self._append_audit(c, run_id, actor, event, payload)
+            if checkpoint is not None:
+                c.execute("INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?)",
+                          (run_id, rnd, checkpoint, hashlib.sha256(checkpoint).hexdigest()))
+
+    def record_ledger(self, run_id: str, node_id: str, *, kind: str, delta: float,
+                      accountant: str, entries: list[dict[str, Any]]) -> None:
+        """Replace the stored copy of one ledger with ``entries`` (dicts with run_id, round,
+        noise_multiplier, sample_rate, steps, epsilon_after), as its owner reported it."""
+        with self._tx() as c:
+            c.execute("DELETE FROM privacy_ledger WHERE run_id = ? AND node_id = ?",
+                      (run_id, node_id))
+            for i, e in enumerate(entries, 1):
+                c.execute("INSERT INTO privacy_ledger VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                          (run_id, node_id, i, kind, str(e["run_id"]), int(e["round"]),
+                           float(e["noise_multiplier"]), float(e["sample_rate"]),
+                           int(e["steps"]), float(e["epsilon_after"]), float(delta),
+                           accountant))
+
+    def append_audit(self, run_id: str, *, actor: str, event: str,
+                     payload: dict[str, Any]) -> AuditEntry:
+        with self._tx() as c:
+            return self._append_audit(c, run_id, actor, event, payload)
+
+    def _append_audit(self, c: sqlite3.Connection, run_id: str, actor: str, event: str,
+                      payload: dict[str, Any]) -> AuditEntry:
+        row = c.execute("SELECT * FROM audit_log WHERE run_id = ? ORDER BY seq DESC LIMIT 1",
+                        (run_id,)).fetchone()
+        prev = _audit_entry(row) if row is not None else None
+        e = next_entry(prev, actor=actor, event=event, payload=payload, time=time.time())
+        c.execute("INSERT INTO audit_log VALUES (?,?,?,?,?,?,?,?,?)",
+                  (run_id, e.seq, e.time, e.actor, e.event, e.payload_json, e.payload_hash,
+                   e.prev_hash, e.hash))
+        return e
 
     def add_event(self, run_id: str, level: str, message: str) -> None:
         with self._tx() as c:
@@ -222,6 +300,28 @@ class Store:
         if row is None:
             raise StoreError(f"unknown run {run_id!r} in {self.path}")
         return run_id
+
+    def audit_entries(self, run_id: str) -> list[AuditEntry]:
+        run_id = self.resolve_run_id(run_id)
+        return [_audit_entry(r) for r in self._conn.execute(
+            "SELECT * FROM audit_log WHERE run_id = ? ORDER BY seq", (run_id,))]
+
+    def checkpoint(self, run_id: str) -> tuple[int, bytes, str] | None:
+        """(round, adapter .npz bytes, sha256) of the last completed round, if any."""
+        row = self._conn.execute("SELECT * FROM checkpoints WHERE run_id = ?",
+                                 (run_id,)).fetchone()
+        if row is None:
+            return None
+        return int(row["round"]), bytes(row["adapter_npz"]), str(row["sha256"])
+
+    def ledger(self, run_id: str) -> list[dict[str, Any]]:
+        """Every stored ledger entry of a run, per node in order (central DP under
+        CENTRAL_LEDGER_ID)."""
+        run_id = self.resolve_run_id(run_id)
+        return [dict(r) for r in self._conn.execute(
+            "SELECT node_id, seq, kind, entry_run_id, entry_round, noise_multiplier, sample_rate,"
+            " steps, epsilon, delta, accountant FROM privacy_ledger WHERE run_id = ?"
+            " ORDER BY node_id, seq", (run_id,))]
 
     def list_runs(self) -> list[dict[str, Any]]:
         rows = self._conn.execute(
@@ -276,3 +376,10 @@ class Store:
         run["events"] = [dict(e) for e in self._conn.execute(
             "SELECT time, level, message FROM events WHERE run_id = ? ORDER BY id", (run_id,))]
         return run
+
+
+def _audit_entry(row: sqlite3.Row | tuple[Any, ...]) -> AuditEntry:
+    # Columns: run_id, seq, time, actor, event, payload_json, payload_hash, prev_hash, hash.
+    _, seq, t, actor, event, payload_json, payload_hash, prev_hash, h = tuple(row)
+    return AuditEntry(int(seq), float(t), str(actor), str(event), str(payload_json),
+                      str(payload_hash), str(prev_hash), str(h))

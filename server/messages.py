@@ -49,7 +49,8 @@ def content_to_request(content: RecordDict) -> TrainRequest:
 def reply_to_content(reply: TrainReply) -> RecordDict:
     rd = RecordDict({
         "info": ConfigRecord({"node": reply.node, "status": reply.status,
-                              "reason": reply.reason, "accountant": reply.accountant}),
+                              "reason": reply.reason, "accountant": reply.accountant,
+                              "ledger-json": json.dumps(reply.ledger)}),
         "metrics": MetricRecord({k: float(v) for k, v in reply.metrics.items()
                                  if k in REPLY_METRICS and v is not None}),
     })
@@ -69,4 +70,5 @@ def content_to_reply(content: RecordDict) -> TrainReply:
         accountant=str(info.get("accountant", "")),
         arrays=_arrays_dict(arrays) if arrays is not None else {},
         metrics={k: float(v) for k, v in metrics.items()},  # type: ignore[arg-type]
+        ledger=list(json.loads(str(info.get("ledger-json", "[]")))),
     )

@@ -43,13 +43,51 @@ def test_rounds_compose_then_budget_refuses(runtime_and_config, tmp_path):
     assert len(ledger.entries) == 2 and ledger.epsilon() == pytest.approx(r2.metrics["epsilon"])
 
 
-def test_replayed_round_is_refused(runtime_and_config, tmp_path):
+def test_a_retried_round_resends_the_same_release_without_spending_again(
+        runtime_and_config, tmp_path):
     rt, cfg, arrays = runtime_and_config
     ident = NodeIdentity("node-1", tmp_path)
     spec = simulated_node_data(cfg, 1)
-    assert rt.train(request(cfg, arrays, 1), identity=ident, data=spec).ok
+    first = rt.train(request(cfg, arrays, 1), identity=ident, data=spec)
     again = rt.train(request(cfg, arrays, 1), identity=ident, data=spec)
-    assert again.status == "refused" and "already trained" in again.reason
+    assert first.ok and again.ok and again.metrics["replayed"] == 1
+    assert again.metrics["epsilon"] == first.metrics["epsilon"]
+    assert all((again.arrays[k] == first.arrays[k]).all() for k in first.arrays)
+    (path,) = tmp_path.glob("ledger-*.json")
+    assert len(NodeLedger.from_json(path.read_text()).entries) == 1  # counted once
+    assert len(again.ledger) == 1 and again.ledger[0]["round"] == 1
+    # without the stored release the node refuses rather than train the round twice
+    for f in (tmp_path / "releases").rglob("*.npz"):
+        f.unlink()
+    lost = rt.train(request(cfg, arrays, 1), identity=ident, data=spec)
+    assert lost.status == "refused" and "already trained" in lost.reason
+
+
+def test_operator_refuses_larger_delta_and_dp_off(runtime_and_config, tmp_path):
+    rt, cfg, arrays = runtime_and_config
+    spec = simulated_node_data(cfg, 0)
+    strict = NodeIdentity("node-0", tmp_path, max_delta=1e-6)
+    r = rt.train(request(cfg, arrays, 1), identity=strict, data=spec)
+    assert r.status == "refused" and "δ=1e-05" in r.reason and "1e-06" in r.reason
+    no_dp = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(
+        update={"enabled": False, "allow_no_dp": True})})
+    r = rt.train(request(no_dp, arrays, 1), identity=NodeIdentity("node-0", tmp_path),
+                 data=spec)
+    assert r.status == "refused" and "does not allow training without DP" in r.reason
+    assert not list(tmp_path.glob("ledger-*.json"))
+
+
+def test_central_dp_clips_the_released_update(runtime_and_config, tmp_path):
+    import numpy as np
+
+    rt, cfg, arrays = runtime_and_config
+    cdp = cfg.model_copy(update={"central_dp": cfg.central_dp.model_copy(
+        update={"enabled": True, "clip_norm": 0.01})})
+    r = rt.train(request(cdp, arrays, 1), identity=NodeIdentity("node-0", tmp_path),
+                 data=simulated_node_data(cfg, 0))
+    norm = np.sqrt(sum(float(np.sum((r.arrays[k].astype(np.float64) - arrays[k]) ** 2))
+                       for k in arrays))
+    assert r.ok and norm == pytest.approx(0.01, rel=1e-3)
 
 
 def test_operator_limit_wins_over_the_plan(runtime_and_config, tmp_path):
