@@ -13,7 +13,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedllm.node import NodeIdentity, NodeRuntime, simulated_node_data
+from fedllm.node import NodeIdentity, NodeRuntime, simulated_node_data, simulated_state_dir
 from fedllm.store import fedllm_home
 from server.messages import content_to_request, reply_to_content
 
@@ -40,7 +40,7 @@ def handle_train(msg: Message, context: Context, home: Path) -> Message:
     # In simulation the person running `fedllm run` is every virtual node's operator, so the
     # run's explicit DP opt-out stands for theirs too.
     identity = NodeIdentity(name=name,
-                            state_dir=home / "runs" / request.run_id / "nodes" / name,
+                            state_dir=simulated_state_dir(home, request.run_id, pid),
                             allow_no_dp=request.config.privacy.allow_no_dp)
     reply = node_runtime().train(request, identity=identity,
                                  data=simulated_node_data(request.config, pid))

@@ -7,16 +7,28 @@ run store. ``server/app.py`` supplies a :class:`Transport` backed by Flower's Gr
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
+import os
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from fedllm.aggregate import UpdateRejected, fedavg, validate_update
+from fedllm.aggregate import (
+    UpdateRejected,
+    central_dp_average,
+    fedavg,
+    reject_outliers,
+    validate_update,
+)
+from fedllm.audit import canonical_json, sha256_hex
 from fedllm.config import RunConfig
 from fedllm.data import (
     TextTable,
@@ -28,8 +40,17 @@ from fedllm.data import (
 )
 from fedllm.evaluate import evaluate
 from fedllm.model import LoadedModel, load_model, resolve_device, save_adapter
-from fedllm.protocol import TrainReply, TrainRequest, state_bytes
-from fedllm.store import Store
+from fedllm.privacy import CentralPlan, compute_epsilon, plan_central_dp
+from fedllm.protocol import (
+    STATUS_REFUSED,
+    TrainReply,
+    TrainRequest,
+    pack_state,
+    state_bytes,
+    state_digest,
+    unpack_state,
+)
+from fedllm.store import CENTRAL_LEDGER_ID, Store
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +95,42 @@ class RunSummary:
     model_bytes: int
     adapter_bytes: int
     error: str | None = None
+    stopped_early: str | None = None  # why the run ended before its last round (budget)
 
 
 def run_dir(home: Path, run_id: str) -> Path:
     return home / "runs" / run_id
+
+
+@contextmanager
+def run_lock(home: Path, run_id: str) -> Iterator[None]:
+    """Exclusive lock on a run for as long as a coordinator drives it. The OS releases it when
+    the process dies (even by SIGKILL), so a crashed run can be resumed, a live one cannot."""
+    path = run_dir(home, run_id) / "coordinator.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunFailed(f"run {run_id} is being driven by another coordinator process "
+                            f"(lock {path})") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+class _BudgetStop(Exception):
+    """Too few nodes can still afford a round: end the run early (not a failure)."""
+
+
+@dataclass
+class _Attempt:
+    rows: list[dict[str, Any]]
+    new_state: dict[str, np.ndarray] | None  # None: the attempt produced no aggregate
+    num_aggregated: int
+    audit: list[tuple[str, str, dict[str, Any]]]
+    ledgers: list[tuple[str, TrainReply]]
 
 
 def eval_table(config: RunConfig) -> TextTable:
@@ -111,7 +164,7 @@ def resolve_label_names(config: RunConfig) -> tuple[str, ...]:
 class Coordinator:
     def __init__(self, config: RunConfig, store: Store, *, run_id: str, home: Path,
                  mode: str = "simulation", secure_transport: bool = False,
-                 secure_aggregation: bool = False,
+                 secure_aggregation: bool = False, resume: bool = False,
                  observer: RunObserver | None = None) -> None:
         self.config = config
         self.store = store
@@ -120,9 +173,93 @@ class Coordinator:
         self.mode = mode
         self.secure_transport = secure_transport  # TLS on every link
         self.secure_aggregation = secure_aggregation  # coordinator sees masked updates only
+        self.resume = resume
         self.observer = observer
+        # Nodes (transport ids) that refused for lack of budget: never asked again this run.
+        self._exhausted: dict[int, str] = {}
+        self._last_limit: dict[str, float] = {}
+        self._central: CentralPlan | None = None
+
+    # -- the run -----------------------------------------------------------------------------
 
     def run(self, transport: Transport) -> RunSummary:
+        with run_lock(self.home, self.run_id):
+            return self._run(transport)
+
+    def _run(self, transport: Transport) -> RunSummary:
+        cfg = self.config
+        start_round, global_state = (self._reopen() if self.resume else (0, None))
+        if not self.resume:
+            self._create()
+        reports: list[RoundReport] = []
+        adapter_path: str | None = None
+        model_bytes = adapter_bytes = 0
+        stopped: str | None = None
+        try:
+            label_names = resolve_label_names(cfg)
+            loaded = load_model(
+                cfg.model.path, task=cfg.model.task, label_names=label_names,
+                pooling=cfg.model.pooling, lora_r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules,
+                device=resolve_device(cfg.train.device), seed=cfg.seed,
+            )
+            eval_ds = eval_dataset(cfg, loaded, label_names)
+            if global_state is None:
+                global_state = loaded.adapter_state()
+            else:
+                loaded.load_adapter_state(global_state)
+            model_bytes, adapter_bytes = loaded.full_model_bytes, state_bytes(global_state)
+            self.store.update_run(self.run_id, model_bytes=model_bytes,
+                                  adapter_bytes=adapter_bytes, label_names=label_names)
+            if cfg.central_dp.enabled:
+                c = cfg.central_dp
+                self._central = plan_central_dp(
+                    num_nodes=cfg.federation.num_nodes,
+                    nodes_per_round=cfg.federation.sampled_per_round,
+                    rounds=cfg.federation.rounds, clip_norm=c.clip_norm,
+                    target_epsilon=c.target_epsilon, delta=c.delta, accountant=c.accountant,
+                    noise_multiplier=c.noise_multiplier)
+            if start_round == 0:
+                t0 = time.time()
+                report = RoundReport(0, evaluate(loaded, eval_ds), seconds=time.time() - t0)
+                self.store.record_round(
+                    self.run_id, 0, started_at=t0, num_nodes=0, metrics=report.metrics,
+                    nodes=[], checkpoint=pack_state(global_state),
+                    audit=[("coordinator", "round_completed",
+                            {"round": 0, "metrics": report.metrics, "participants": [],
+                             "adapter_sha256": state_digest(global_state)})])
+                reports.append(report)
+                if self.observer:
+                    self.observer.round_finished(report)
+                start_round = 1
+            out_dir = run_dir(self.home, self.run_id) / "adapter"
+            for rnd in range(start_round, cfg.federation.rounds + 1):
+                try:
+                    global_state, report = self._round(rnd, transport, loaded, eval_ds,
+                                                       global_state, label_names)
+                except _BudgetStop as e:
+                    stopped = str(e)
+                    self._warn(stopped)
+                    break
+                reports.append(report)
+                adapter_path = str(save_adapter(loaded, out_dir))
+                self.store.update_run(self.run_id, adapter_path=adapter_path)
+                if self.observer:
+                    self.observer.round_finished(report)
+        except KeyboardInterrupt:
+            self._end("interrupted", "interrupted by the user")
+            raise
+        except Exception as e:  # recorded, then re-raised for the caller to report
+            msg = f"{type(e).__name__}: {e}" if not isinstance(e, RunFailed) else str(e)
+            self.store.add_event(self.run_id, "error", msg)
+            self._end("failed", msg)
+            raise
+        self._end("finished", None, stopped_early=stopped,
+                  adapter_sha256=state_digest(global_state))
+        return RunSummary(self.run_id, "finished", reports, adapter_path, str(self.store.path),
+                          model_bytes, adapter_bytes, stopped_early=stopped)
+
+    def _create(self) -> None:
         cfg = self.config
         p = cfg.privacy
         self.store.create_run(
@@ -134,6 +271,10 @@ class Coordinator:
             secure_transport=self.secure_transport,
             secure_aggregation=self.secure_aggregation, config=cfg.to_dict(),
         )
+        self.store.append_audit(self.run_id, actor="coordinator", event="run_started", payload={
+            "config_sha256": sha256_hex(canonical_json(cfg.to_dict())), "config": cfg.to_dict(),
+            "mode": self.mode, "tls": self.secure_transport,
+            "secure_aggregation": self.secure_aggregation})
         if not p.enabled:
             self._warn("DIFFERENTIAL PRIVACY IS OFF for this run (explicit --no-dp): node "
                        "updates carry no formal privacy guarantee")
@@ -143,103 +284,206 @@ class Coordinator:
         if self.mode != "simulation" and not self.secure_transport:
             self._warn("INSECURE TRANSPORT: this deployment runs without TLS (--insecure); "
                        "updates and credentials travel in clear")
-        reports: list[RoundReport] = []
-        adapter_path: str | None = None
-        model_bytes = adapter_bytes = 0
-        try:
-            label_names = resolve_label_names(cfg)
-            loaded = load_model(
-                cfg.model.path, task=cfg.model.task, label_names=label_names,
-                pooling=cfg.model.pooling, lora_r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules,
-                device=resolve_device(cfg.train.device), seed=cfg.seed,
-            )
-            eval_ds = eval_dataset(cfg, loaded, label_names)
-            global_state = loaded.adapter_state()
-            model_bytes, adapter_bytes = loaded.full_model_bytes, state_bytes(global_state)
-            self.store.update_run(self.run_id, model_bytes=model_bytes,
-                                  adapter_bytes=adapter_bytes, label_names=label_names)
-            t0 = time.time()
-            report = RoundReport(0, evaluate(loaded, eval_ds), seconds=time.time() - t0)
-            self.store.record_round(self.run_id, 0, started_at=t0, num_nodes=0,
-                                    metrics=report.metrics, nodes=[])
-            reports.append(report)
-            if self.observer:
-                self.observer.round_finished(report)
-            out_dir = run_dir(self.home, self.run_id) / "adapter"
-            rng = np.random.default_rng(cfg.seed)
-            for rnd in range(1, cfg.federation.rounds + 1):
-                global_state, report = self._round(rnd, transport, loaded, eval_ds,
-                                                   global_state, label_names, rng)
-                reports.append(report)
-                adapter_path = str(save_adapter(loaded, out_dir))
-                self.store.update_run(self.run_id, adapter_path=adapter_path)
-                if self.observer:
-                    self.observer.round_finished(report)
-        except KeyboardInterrupt:
-            self.store.finish_run(self.run_id, "interrupted", "interrupted by the user")
-            raise
-        except Exception as e:  # recorded, then re-raised for the caller to report
-            msg = f"{type(e).__name__}: {e}" if not isinstance(e, RunFailed) else str(e)
-            self.store.finish_run(self.run_id, "failed", msg)
-            self.store.add_event(self.run_id, "error", msg)
-            raise
-        self.store.finish_run(self.run_id, "finished")
-        return RunSummary(self.run_id, "finished", reports, adapter_path, str(self.store.path),
-                          model_bytes, adapter_bytes)
+
+    def _reopen(self) -> tuple[int, dict[str, np.ndarray]]:
+        """Resume: continue after the last completed round from its stored checkpoint."""
+        run = self.store.get_run(self.run_id)
+        if run["state"] == "finished":
+            raise RunFailed(f"run {self.run_id} already finished; nothing to resume")
+        ck = self.store.checkpoint(self.run_id)
+        if ck is None:
+            raise RunFailed(f"run {self.run_id} has no completed round to resume from; "
+                            "start a new run")
+        rnd, blob, sha = ck
+        if hashlib.sha256(blob).hexdigest() != sha:
+            raise RunFailed(f"checkpoint of run {self.run_id} (round {rnd}) is corrupted")
+        state = unpack_state(blob)
+        self.store.update_run(self.run_id, state="running", error=None, finished_at=None)
+        self.store.append_audit(self.run_id, actor="coordinator", event="run_resumed", payload={
+            "previous_state": run["state"], "from_round": rnd + 1,
+            "adapter_sha256": state_digest(state)})
+        self.store.add_event(self.run_id, "info",
+                             f"resumed after round {rnd} (was {run['state']})")
+        return rnd + 1, state
+
+    def _end(self, state: str, error: str | None, **payload: Any) -> None:
+        self.store.finish_run(self.run_id, state, error)
+        self.store.append_audit(self.run_id, actor="coordinator", event=f"run_{state}",
+                                payload={"error": error, **payload})
 
     def _warn(self, message: str) -> None:
         log.warning(message)
         self.store.add_event(self.run_id, "warning", message)
+        self.store.append_audit(self.run_id, actor="coordinator", event="warning",
+                                payload={"message": message})
 
-    def _round(self, rnd: int, transport: Transport, loaded: LoadedModel, eval_ds: TokenizedDataset,
-               global_state: dict[str, np.ndarray], label_names: tuple[str, ...],
-               rng: np.random.Generator) -> tuple[dict[str, np.ndarray], RoundReport]:
+    # -- one round (retried with a fresh sample when too few usable updates came back) ---------
+
+    def _round(self, rnd: int, transport: Transport, loaded: LoadedModel,
+               eval_ds: TokenizedDataset, global_state: dict[str, np.ndarray],
+               label_names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], RoundReport]:
+        fed = self.config.federation
+        t0 = time.time()
+        reasons: list[str] = []
+        for attempt in range(fed.max_round_retries + 1):
+            att = self._attempt(rnd, attempt, transport, global_state, label_names)
+            for name, reply in att.ledgers:
+                p = self.config.privacy
+                self.store.record_ledger(self.run_id, name, kind="example", delta=p.delta,
+                                         accountant=reply.accountant or p.accountant,
+                                         entries=reply.ledger)
+            if att.new_state is not None:
+                loaded.load_adapter_state(att.new_state)
+                metrics = evaluate(loaded, eval_ds)
+                digest = state_digest(att.new_state)
+                att.audit.append(("coordinator", "round_completed", {
+                    "round": rnd, "attempt": attempt, "metrics": metrics,
+                    "aggregated": att.num_aggregated, "adapter_sha256": digest,
+                    "participants": [{k: r.get(k) for k in ("node_id", "status", "reason",
+                                                            "epsilon")} for r in att.rows]}))
+                self.store.record_round(self.run_id, rnd, started_at=t0,
+                                        num_nodes=att.num_aggregated, metrics=metrics,
+                                        nodes=att.rows, audit=att.audit,
+                                        checkpoint=pack_state(att.new_state))
+                self._record_central(rnd)
+                return att.new_state, RoundReport(rnd, metrics, att.rows, att.num_aggregated,
+                                                  time.time() - t0)
+            # Nothing aggregated: keep who did what (nothing already learnt is lost), retry.
+            why = "; ".join(f"{r['node_id']}: {r['status']} ({r.get('reason')})"
+                            for r in att.rows) or "no node sampled"
+            reasons.append(f"attempt {attempt + 1}: {why}")
+            att.audit.append(("coordinator", "round_attempt_failed",
+                              {"round": rnd, "attempt": attempt, "reason": why}))
+            self.store.record_round(self.run_id, rnd, started_at=t0, num_nodes=0, metrics={},
+                                    nodes=att.rows, audit=att.audit)
+            log.warning("round %d attempt %d: too few usable updates: %s", rnd, attempt + 1, why)
+        raise RunFailed(f"round {rnd}: fewer than federation.min_nodes={fed.min_nodes} usable "
+                        f"updates after {fed.max_round_retries + 1} attempt(s) — "
+                        + " | ".join(reasons))
+
+    def _sample(self, rnd: int, attempt: int, transport: Transport) -> list[int]:
         cfg = self.config
         fed = cfg.federation
-        t0 = time.time()
         available = sorted(transport.node_ids(min_nodes=fed.sampled_per_round,
                                               timeout=min(fed.round_timeout, 300.0)))
-        if len(available) < fed.sampled_per_round:
+        eligible = [n for n in available if n not in self._exhausted]
+        if len(eligible) < fed.min_nodes:
+            if self._exhausted and len(available) >= fed.min_nodes:
+                names = ", ".join(sorted(set(self._exhausted.values())))
+                raise _BudgetStop(
+                    f"run stopped before round {rnd}: privacy budget exhausted at {names}; "
+                    f"{len(eligible)} node(s) can still train, federation.min_nodes="
+                    f"{fed.min_nodes}")
             raise RunFailed(f"round {rnd}: only {len(available)} node(s) connected, "
-                            f"{fed.sampled_per_round} needed")
+                            f"{fed.min_nodes} needed")
+        if self._central is not None:
+            # Node-level DP: independent (Poisson) sampling with *secret* randomness — the
+            # privacy amplification assumes nobody outside can tell who was sampled.
+            q = self._central.sample_rate
+            srng = np.random.default_rng(secrets.randbits(128))
+            return [n for n in eligible if srng.random() < q]
+        # Public, reproducible sampling (a resumed run samples what the original would have).
         # Sample positions, not ids: Flower node ids are uint64 and numpy would round them.
-        picks = rng.choice(len(available), fed.sampled_per_round, replace=False)
-        chosen = sorted(available[int(i)] for i in picks)
+        rng = np.random.default_rng([cfg.seed, rnd, attempt])
+        k = min(fed.sampled_per_round, len(eligible))
+        return sorted(eligible[int(i)] for i in rng.choice(len(eligible), k, replace=False))
+
+    def _attempt(self, rnd: int, attempt: int, transport: Transport,
+                 global_state: dict[str, np.ndarray],
+                 label_names: tuple[str, ...]) -> _Attempt:
+        cfg = self.config
+        fed = cfg.federation
+        chosen = self._sample(rnd, attempt, transport)
         if self.observer:
             self.observer.round_started(rnd, len(chosen))
         request = TrainRequest(self.run_id, rnd, cfg, label_names, global_state)
         replies = transport.train(
             {nid: request for nid in chosen}, timeout=fed.round_timeout,
             on_reply=lambda _nid: self.observer.node_replied(rnd) if self.observer else None,
-        )
+        ) if chosen else {}
         rows: list[dict[str, Any]] = []
-        accepted: list[tuple[dict[str, np.ndarray], float]] = []
+        audit: list[tuple[str, str, dict[str, Any]]] = []
+        ledgers: list[tuple[str, TrainReply]] = []
+        good: dict[str, tuple[dict[str, np.ndarray], float, float]] = {}  # name: (x, w, norm)
         for nid in chosen:
             reply = replies.get(nid, "no reply before the round timeout")
             if isinstance(reply, str):
                 rows.append({"node_id": f"flower-{nid}", "status": "failed", "reason": reply})
+                audit.append(("coordinator", "node_failed",
+                              {"round": rnd, "node": f"flower-{nid}", "reason": reply}))
                 log.warning("round %d: node %s failed: %s", rnd, nid, reply)
                 continue
             row = reply.record_fields()
-            if reply.ok:
+            if reply.ledger:
+                ledgers.append((reply.node, reply))
+            self._note_limit(reply, rnd, audit)
+            if reply.status == STATUS_REFUSED:
+                audit.append((reply.node, "node_refused", {"round": rnd, "reason": reply.reason,
+                                                           "epsilon": row.get("epsilon")}))
+                if "budget exhausted" in reply.reason:
+                    self._exhausted[nid] = reply.node
+            elif reply.ok:
                 try:
-                    validate_update(reply.arrays, global_state)
-                    accepted.append((reply.arrays, float(reply.metrics["num_examples"])))
+                    bound = fed.max_update_norm
+                    if self._central is not None:  # nodes must have clipped (tiny fp slack)
+                        bound = self._central.clip_norm * (1 + 1e-4) + 1e-6
+                    norm = validate_update(reply.arrays, global_state, max_norm=bound)
+                    good[reply.node] = (reply.arrays,
+                                        float(reply.metrics.get("num_examples", 1.0)), norm)
                 except UpdateRejected as e:
-                    row.update(status="rejected", reason=str(e))
-                    log.warning("round %d: update of %s rejected: %s", rnd, reply.node, e)
+                    self._reject(row, rnd, str(e), audit)
             rows.append(row)
-        if not accepted:
-            # Record who did what before failing: nothing already learnt is lost.
-            self.store.record_round(self.run_id, rnd, started_at=t0, num_nodes=0,
-                                    metrics={}, nodes=rows)
-            reasons = "; ".join(f"{r['node_id']}: {r['status']} ({r.get('reason')})"
-                                for r in rows)
-            raise RunFailed(f"round {rnd}: no usable update from any node — {reasons}")
-        new_state = fedavg(accepted)
-        loaded.load_adapter_state(new_state)
-        metrics = evaluate(loaded, eval_ds)
-        self.store.record_round(self.run_id, rnd, started_at=t0, num_nodes=len(accepted),
-                                metrics=metrics, nodes=rows)
-        return new_state, RoundReport(rnd, metrics, rows, len(accepted), time.time() - t0)
+        if fed.outlier_factor is not None:
+            outliers = reject_outliers({n: v[2] for n, v in good.items()},
+                                       factor=fed.outlier_factor)
+            for row in rows:
+                if row["node_id"] in outliers:
+                    self._reject(row, rnd, outliers[row["node_id"]], audit)
+                    good.pop(row["node_id"])
+        if self._central is not None:
+            # Central DP releases every round, whoever replied (a failed node adds 0).
+            noise_rng = np.random.default_rng(secrets.randbits(128))
+            new_state: dict[str, np.ndarray] | None = central_dp_average(
+                [x for x, _, _ in good.values()], global_state,
+                expected_nodes=self._central.expected_nodes,
+                noise_std=self._central.noise_std, rng=noise_rng)
+        elif len(good) >= fed.min_nodes:
+            new_state = fedavg([(x, w) for x, w, _ in good.values()])
+        else:
+            new_state = None
+        if new_state is not None and not all(np.isfinite(a).all() for a in new_state.values()):
+            raise RunFailed(f"round {rnd}: the aggregate is not finite")
+        return _Attempt(rows, new_state, len(good), audit, ledgers)
+
+    def _reject(self, row: dict[str, Any], rnd: int, reason: str,
+                audit: list[tuple[str, str, dict[str, Any]]]) -> None:
+        row.update(status="rejected", reason=reason)
+        audit.append(("coordinator", "update_rejected",
+                      {"round": rnd, "node": row["node_id"], "reason": reason}))
+        log.warning("round %d: update of %s rejected: %s", rnd, row["node_id"], reason)
+
+    def _note_limit(self, reply: TrainReply, rnd: int,
+                    audit: list[tuple[str, str, dict[str, Any]]]) -> None:
+        limit = reply.metrics.get("epsilon_limit")
+        if limit is None:
+            return
+        before = self._last_limit.get(reply.node)
+        if before != limit:
+            audit.append((reply.node, "budget_limit", {"round": rnd, "epsilon_limit": limit,
+                                                       "previous": before}))
+            self._last_limit[reply.node] = limit
+
+    def _record_central(self, rnd: int) -> None:
+        """The coordinator's node-level ledger: one Gaussian release per completed round."""
+        plan = self._central
+        if plan is None:
+            return
+        c = self.config.central_dp
+        entries = [{"run_id": self.run_id, "round": r, "noise_multiplier": plan.noise_multiplier,
+                    "sample_rate": plan.sample_rate, "steps": 1,
+                    "epsilon_after": compute_epsilon(
+                        [(plan.noise_multiplier, plan.sample_rate, r)], delta=c.delta,
+                        accountant=c.accountant)}
+                   for r in range(1, rnd + 1)]
+        self.store.record_ledger(self.run_id, CENTRAL_LEDGER_ID, kind="node", delta=c.delta,
+                                 accountant=c.accountant, entries=entries)

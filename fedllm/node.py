@@ -82,6 +82,12 @@ def simulated_node_data(config: RunConfig, partition_id: int) -> NodeDataSpec:
     )
 
 
+def simulated_state_dir(home: Path, run_id: str, partition_id: int) -> Path:
+    """Where virtual node ``partition_id`` of a simulated run keeps its ledger, secret and
+    releases (one layout for the Flower simulation and the in-process federation)."""
+    return home / "runs" / run_id / "nodes" / f"node-{partition_id}"
+
+
 def load_node_table(spec: NodeDataSpec, label_names: tuple[str, ...]
                     ) -> tuple[TextTable, np.ndarray | None]:
     """Read, validate and (in simulation) partition a node's data: (texts, label ids)."""

@@ -7,6 +7,8 @@ Messages; everything else in fedllm works with these dataclasses. Only adapter t
 
 from __future__ import annotations
 
+import hashlib
+import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,3 +67,26 @@ class TrainReply:
             if v is not None:
                 out[k] = int(v) if k in ("num_examples", "steps") else float(v)
         return out
+
+
+def state_digest(state: dict[str, np.ndarray]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes in name order: the adapter's identity in
+    the audit log (independent of any file format's timestamps)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        a = np.ascontiguousarray(state[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def pack_state(state: dict[str, np.ndarray]) -> bytes:
+    """An adapter state as .npz bytes (checkpoints in the run store)."""
+    buf = io.BytesIO()
+    np.savez(buf, **state)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def unpack_state(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob)) as z:
+        return {k: z[k] for k in z.files}

@@ -74,15 +74,15 @@ class GridTransport:
 
 
 def coordinate(grid: Grid, config: RunConfig, *, home: Path, run_id: str,
-               mode: str, secure_transport: bool,
+               mode: str, secure_transport: bool, resume: bool = False,
                observer: RunObserver | None = None) -> RunSummary:
     with Store(default_db_path(home)) as store:
         return Coordinator(config, store, run_id=run_id, home=home, mode=mode,
-                           secure_transport=secure_transport,
+                           secure_transport=secure_transport, resume=resume,
                            observer=observer).run(GridTransport(grid))
 
 
-def make_server_app(config: RunConfig, *, home: Path, run_id: str,
+def make_server_app(config: RunConfig, *, home: Path, run_id: str, resume: bool = False,
                     observer: RunObserver | None = None,
                     result: list[RunSummary] | None = None) -> ServerApp:
     """A ServerApp bound to an already validated config (used by ``fedllm run``)."""
@@ -91,7 +91,7 @@ def make_server_app(config: RunConfig, *, home: Path, run_id: str,
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         summary = coordinate(grid, config, home=home, run_id=run_id, mode="simulation",
-                             secure_transport=False, observer=observer)
+                             secure_transport=False, resume=resume, observer=observer)
         if result is not None:
             result.append(summary)
 

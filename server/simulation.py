@@ -10,7 +10,7 @@ from fedllm.config import RunConfig
 from fedllm.coordinator import RunObserver, RunSummary
 
 
-def simulate(config: RunConfig, *, home: Path, run_id: str,
+def simulate(config: RunConfig, *, home: Path, run_id: str, resume: bool = False,
              observer: RunObserver | None = None, verbose: bool = False) -> RunSummary:
     """Federate ``config`` over ``federation.num_nodes`` virtual nodes; returns the summary.
 
@@ -40,8 +40,8 @@ def simulate(config: RunConfig, *, home: Path, run_id: str,
     }
     result: list[RunSummary] = []
     run_simulation(
-        server_app=make_server_app(config, home=home, run_id=run_id, observer=observer,
-                                   result=result),
+        server_app=make_server_app(config, home=home, run_id=run_id, resume=resume,
+                                   observer=observer, result=result),
         client_app=make_client_app(home),
         num_supernodes=n,
         backend_config=backend_config,  # type: ignore[arg-type]

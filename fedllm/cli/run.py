@@ -17,7 +17,7 @@ from fedllm.cli.common import USER_ERRORS, HomeOpt, JsonOpt, app, err, fmt
 from fedllm.cli.common import console as make_console
 from fedllm.config import ConfigError, RunConfig, load_config, parse_set_options
 from fedllm.coordinator import RoundReport, RunFailed, RunSummary
-from fedllm.store import Store, default_db_path, fedllm_home, new_run_id
+from fedllm.store import Store, StoreError, default_db_path, fedllm_home, new_run_id
 
 
 class ConsoleObserver:
@@ -62,13 +62,16 @@ class ConsoleObserver:
 
 def _print_summary(console: Console, summary: RunSummary, store: Store, dp: bool) -> None:
     run = store.get_run(summary.run_id)
-    final = run["rounds"][-1]["metrics"] if run["rounds"] else {}
+    done = [r for r in run["rounds"] if r["metrics"]]
+    final = done[-1]["metrics"] if done else {}
     latest: dict[str, dict[str, Any]] = {}
     for r in run["rounds"]:
         for n in r["nodes"]:
             latest[n["node_id"]] = n
     console.print()
     console.rule(f"[bold]run {summary.run_id} finished")
+    if summary.stopped_early:
+        console.print(f"[bold yellow]stopped early:[/] {summary.stopped_early}")
     console.print("final metrics: " + ", ".join(f"{k}={fmt(v)}" for k, v in sorted(final.items())))
     t = Table(title="privacy spent per node" if dp else "nodes (DP OFF)")
     for col in ("node", "examples", "ε (cumulative)", "δ", "noise σ", "last status"):
@@ -85,6 +88,11 @@ def _print_summary(console: Console, summary: RunSummary, store: Store, dp: bool
                   f"({ratio:.2%} of the full model's {summary.model_bytes:,} bytes)")
     console.print(f"adapter:   {summary.adapter_path}")
     console.print(f"run store: {summary.db_path}")
+    entries = store.audit_entries(summary.run_id)
+    if entries:
+        console.print(f"audit log: {len(entries)} entries, head {entries[-1].hash[:16]}… "
+                      f"(fedllm audit verify {summary.run_id})")
+    console.print(f"privacy:   fedllm privacy {summary.run_id}")
     console.print(f"details:   fedllm status {summary.run_id}")
     console.print("dashboard: fedllm dashboard   (then open http://localhost:8501)")
 
@@ -114,8 +122,19 @@ def run(
     home: HomeOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Flower/Ray logs")] = False,
     as_json: JsonOpt = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="print the privacy plan (per-node σ, steps, projected ε per round) "
+        "and exit without training")] = False,
+    resume: Annotated[str | None, typer.Option(
+        "--resume", help="continue RUN_ID after its last completed round (its stored config)",
+        metavar="RUN_ID")] = None,
+    run_id_opt: Annotated[str | None, typer.Option(
+        "--run-id", help="id for the new run (default: time-based); must be unused")] = None,
 ) -> None:
     """Federate DP-LoRA fine-tuning across simulated nodes and record it in the run store."""
+    if resume:
+        _resume(resume, home=home, verbose=verbose, as_json=as_json)
+        return
     overrides: dict[str, Any] = {}
     try:
         overrides.update(parse_set_options(set_ or []))
@@ -134,20 +153,15 @@ def run(
         cfg = load_config(config, overrides)
     except ConfigError as e:
         raise err(str(e)) from None
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    # Models are local directories only: never reach for a hub (inherited by node processes).
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not verbose:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    _setup_logging(verbose)
     console = make_console(stderr=as_json)
     if not cfg.privacy.enabled:
         console.print("[bold red]WARNING: differential privacy is OFF (--no-dp). Node updates "
                       "carry no formal privacy guarantee.[/]")
     home_dir = fedllm_home(home)
-    run_id = new_run_id()
+    run_id = run_id_opt or new_run_id()
+    if run_id_opt is not None:
+        _check_new_run_id(run_id_opt, home_dir)
     console.print(f"fedllm run [bold]{run_id}[/]: {cfg.federation.num_nodes} nodes, "
                   f"{cfg.federation.rounds} rounds, task {cfg.model.task}, "
                   + (f"DP target ε={cfg.privacy.target_epsilon:g} δ={cfg.privacy.delta:g} "
@@ -160,25 +174,139 @@ def run(
     except USER_ERRORS as e:
         raise err(str(e)) from None
     console.print("examples per node: " + ", ".join(map(str, sizes)))
+    if dry_run:
+        print_plan(console, cfg, sizes, as_json=as_json)
+        return
+    _simulate_and_report(cfg, console, home_dir, run_id, resume=False, verbose=verbose,
+                         as_json=as_json)
+
+
+def _simulate_and_report(cfg: RunConfig, console: Console, home_dir: Path, run_id: str, *,
+                         resume: bool, verbose: bool, as_json: bool) -> None:
     from server.simulation import simulate
 
     observer = ConsoleObserver(console, cfg)
     try:
-        summary = simulate(cfg, home=home_dir, run_id=run_id, observer=observer,
+        summary = simulate(cfg, home=home_dir, run_id=run_id, resume=resume, observer=observer,
                            verbose=verbose)
     except USER_ERRORS as e:
         observer.close()
         raise err(f"{e}\n(run {run_id} recorded as failed in {default_db_path(home_dir)})"
-                   ) from None
+                  ) from None
     except RunFailed as e:
         observer.close()
         raise err(f"run {run_id} failed: {e}", code=1) from None
     except KeyboardInterrupt:
         observer.close()
-        raise err(f"run {run_id} interrupted; rounds completed so far are kept", 130) from None
+        raise err(f"run {run_id} interrupted; rounds completed so far are kept "
+                  f"(continue with: fedllm run --resume {run_id})", 130) from None
     observer.close()
     with Store(default_db_path(home_dir), read_only=True) as store:
         if as_json:
             print(json.dumps(store.get_run(run_id), indent=2, default=str))
         else:
             _print_summary(console, summary, store, cfg.privacy.enabled)
+
+
+def _check_new_run_id(run_id: str, home_dir: Path) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", run_id):
+        raise err(f"invalid --run-id {run_id!r}: letters, digits, '.', '_', '-' (≤ 64)")
+    db = default_db_path(home_dir)
+    if db.exists():
+        with Store(db, read_only=True) as store:
+            try:
+                store.resolve_run_id(run_id)
+            except StoreError:
+                return
+        raise err(f"run {run_id} already exists in {db}; use --resume {run_id} to continue it")
+
+
+def _resume(run_id: str, *, home: Path | None, verbose: bool, as_json: bool) -> None:
+    from fedllm.config import config_from_dict
+
+    home_dir = fedllm_home(home)
+    db = default_db_path(home_dir)
+    try:
+        with Store(db, read_only=True) as store:
+            run_id = store.resolve_run_id(run_id)
+            info = store.get_run(run_id)
+        cfg = config_from_dict(info["config"], f"stored config of run {run_id}")
+    except USER_ERRORS as e:
+        raise err(str(e)) from None
+    if info["state"] == "finished":
+        raise err(f"run {run_id} already finished; nothing to resume")
+    _setup_logging(verbose)
+    console = make_console(stderr=as_json)
+    last = info["rounds"][-1]["round"] if info["rounds"] else None
+    console.print(f"resuming run [bold]{run_id}[/] ({info['state']}) after round {last} of "
+                  f"{cfg.federation.rounds}")
+    _simulate_and_report(cfg, console, home_dir, run_id, resume=True, verbose=verbose,
+                         as_json=as_json)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    # Models are local directories only: never reach for a hub (inherited by node processes).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: bool) -> None:
+    """The privacy plan of a run before anything trains: per node σ, q, steps, projected ε."""
+    from fedllm.privacy import plan_central_dp, plan_dp_sgd
+
+    p, t, fed = cfg.privacy, cfg.train, cfg.federation
+    plan: dict[str, Any] = {"rounds": fed.rounds, "dp_enabled": p.enabled, "nodes": []}
+    if p.enabled:
+        plan.update(target_epsilon=p.target_epsilon, delta=p.delta, accountant=p.accountant,
+                    epsilon_limit=p.epsilon_limit, max_grad_norm=p.max_grad_norm)
+        for i, n in enumerate(sizes):
+            dp = plan_dp_sgd(num_examples=n, batch_size=t.batch_size,
+                             local_epochs=t.local_epochs, rounds=fed.rounds,
+                             target_epsilon=p.target_epsilon, delta=p.delta,
+                             accountant=p.accountant, noise_multiplier=p.noise_multiplier)
+            plan["nodes"].append({
+                "node": f"node-{i}", "examples": n, "sample_rate": dp.sample_rate,
+                "expected_batch": round(dp.sample_rate * n, 1),
+                "steps_per_round": dp.steps_per_round, "noise_multiplier": dp.noise_multiplier,
+                "calibrated": dp.calibrated, "projected_epsilon": list(dp.projected_epsilon)})
+    if cfg.central_dp.enabled:
+        c = cfg.central_dp
+        cp = plan_central_dp(num_nodes=fed.num_nodes, nodes_per_round=fed.sampled_per_round,
+                             rounds=fed.rounds, clip_norm=c.clip_norm,
+                             target_epsilon=c.target_epsilon, delta=c.delta,
+                             accountant=c.accountant, noise_multiplier=c.noise_multiplier)
+        plan["central_dp"] = {"sample_rate": cp.sample_rate, "clip_norm": cp.clip_norm,
+                              "noise_multiplier": cp.noise_multiplier, "noise_std": cp.noise_std,
+                              "delta": c.delta, "accountant": c.accountant,
+                              "projected_epsilon": list(cp.projected_epsilon)}
+    if as_json:
+        print(json.dumps(plan, indent=2))
+        return
+    if not p.enabled:
+        console.print("[bold red]DP OFF: no privacy plan (nothing bounds what updates reveal)[/]")
+    else:
+        console.print(f"privacy plan: target ε={p.target_epsilon:g} after round {fed.rounds}, "
+                      f"δ={p.delta:g}, accountant {p.accountant}, clip C={p.max_grad_norm:g}; "
+                      f"nodes refuse above ε={p.epsilon_limit:g} (or their operator's limit)")
+        tab = Table(title="per-node DP-SGD plan (example-level)")
+        for col in ("node", "examples", "q", "E\\[batch]", "steps/round", "σ",
+                    *(f"ε r{r}" for r in range(1, fed.rounds + 1))):
+            tab.add_column(col)
+        for n in plan["nodes"]:
+            tab.add_row(n["node"], str(n["examples"]), fmt(n["sample_rate"], 4),
+                        fmt(n["expected_batch"], 1), str(n["steps_per_round"]),
+                        fmt(n["noise_multiplier"], 3),
+                        *(fmt(e, 3) for e in n["projected_epsilon"]))
+        console.print(tab)
+    if "central_dp" in plan:
+        c = plan["central_dp"]
+        console.print(f"central DP (node-level): q={c['sample_rate']:.3f}, clip={c['clip_norm']:g}"
+                      f", σ={c['noise_multiplier']:.3f}, δ={c['delta']:g}: projected ε per "
+                      "round " + ", ".join(fmt(e, 3) for e in c["projected_epsilon"]))

@@ -1,0 +1,247 @@
+"""The coordinator's round loop with real nodes in process (fedllm.local): resume, failing
+nodes, budget stops with zero overrun, update rejection, central DP, the audit chain."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+
+import numpy as np
+import pytest
+
+from fedllm.audit import verify_chain
+from fedllm.config import load_config
+from fedllm.coordinator import Coordinator, RunFailed
+from fedllm.local import LocalTransport
+from fedllm.node import simulated_state_dir
+from fedllm.protocol import TrainReply, unpack_state
+from fedllm.store import CENTRAL_LEDGER_ID, Store
+
+TINY = {"data.max_examples": 120, "data.max_eval_examples": 40, "train.batch_size": 20,
+        "train.physical_batch_size": 20, "federation.num_nodes": 3, "federation.rounds": 2,
+        "privacy.target_epsilon": 4.0}
+
+
+def tiny_config(**over):
+    return load_config(None, {**TINY, **over})
+
+
+def run(home, cfg, transport, run_id="run-x", resume=False):
+    with Store(home / "fedllm.db") as store:
+        return Coordinator(cfg, store, run_id=run_id, home=home, resume=resume).run(transport)
+
+
+def stored(home, run_id="run-x"):
+    with Store(home / "fedllm.db", read_only=True) as store:
+        return store.get_run(run_id), store.checkpoint(run_id), store.ledger(run_id)
+
+
+def same_secrets(homes, run_id, n):
+    """Give the virtual nodes of two homes the same secret (it seeds their DP noise), so two
+    runs can be compared exactly."""
+    for pid in range(n):
+        secret = bytes([pid + 1]) * 32
+        for home in homes:
+            d = simulated_state_dir(home, run_id, pid)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "node.secret").write_bytes(secret)
+
+
+class CrashAt(LocalTransport):
+    """Dies (like a killed coordinator) in round ``rnd`` after ``after`` nodes trained."""
+
+    def __init__(self, *a, rnd, after, **kw):
+        super().__init__(*a, **kw)
+        self.crash_round, self.after, self.done = rnd, after, 0
+
+    def train(self, requests, *, timeout, on_reply):
+        out = {}
+        for nid, req in requests.items():
+            if req.round == self.crash_round and self.done >= self.after:
+                raise KeyboardInterrupt  # the process is gone mid-round
+            out[nid] = self.train_one(nid, req)
+            if req.round == self.crash_round:
+                self.done += 1
+        return out
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path):
+    cfg = tiny_config(**{"federation.rounds": 3})
+    a, b = tmp_path / "a", tmp_path / "b"
+    same_secrets([a, b], "run-x", 3)
+    run(a, cfg, LocalTransport(a, 3))
+    with pytest.raises(KeyboardInterrupt):
+        run(b, cfg, CrashAt(b, 3, rnd=2, after=1))
+    info, ck, _ = stored(b)
+    assert info["state"] == "interrupted" and ck[0] == 1  # round 1 kept
+    run(b, cfg, LocalTransport(b, 3), resume=True)
+    (_, cka, la), (ib, ckb, lb) = stored(a), stored(b)
+    assert ib["state"] == "finished" and ckb[0] == 3
+    xa, xb = unpack_state(cka[1]), unpack_state(ckb[1])
+    for k in xa:
+        np.testing.assert_allclose(xa[k], xb[k], rtol=0, atol=1e-6)
+    # node-1 trained round 2 before the crash: it re-sent that release, ε counted once
+    assert [(e["node_id"], e["entry_round"], e["steps"]) for e in la] == \
+        [(e["node_id"], e["entry_round"], e["steps"]) for e in lb]
+    assert [e["epsilon"] for e in la] == pytest.approx([e["epsilon"] for e in lb])
+    replayed = [n for r in ib["rounds"] if r["round"] == 2 for n in r["nodes"]]
+    assert len(replayed) == 3
+    with Store(b / "fedllm.db", read_only=True) as store:
+        events = [e.event for e in store.audit_entries("run-x")]
+    assert "run_interrupted" in events and "run_resumed" in events
+    assert verify_chain(Store(b / "fedllm.db", read_only=True).audit_entries("run-x")).ok
+
+
+class Faulty(LocalTransport):
+    """Some nodes fail: raise inside the node, vanish (no reply), or time out."""
+
+    def __init__(self, *a, faults, **kw):
+        super().__init__(*a, **kw)
+        self.faults = faults  # nid -> "raise" | "exit" | "timeout"
+
+    def train(self, requests, *, timeout, on_reply):
+        out = {}
+        for nid, req in requests.items():
+            kind = self.faults.get(nid)
+            if kind == "raise":
+                out[nid] = "node error: RuntimeError('disk on fire')"
+            elif kind == "timeout":
+                out[nid] = f"no reply within the round timeout ({timeout:g} s)"
+            elif kind is None:
+                out[nid] = self.train_one(nid, req)
+            # "exit": the node is gone; no entry at all
+        return out
+
+
+def test_round_completes_with_the_nodes_that_replied(tmp_path):
+    cfg = tiny_config(**{"data.max_examples": 400, "federation.num_nodes": 10,
+                         "federation.rounds": 1, "federation.min_nodes": 7})
+    faults = {2: "raise", 5: "exit", 9: "timeout"}
+    summary = run(tmp_path, cfg, Faulty(tmp_path, 10, faults=faults))
+    (r1,) = summary.rounds[1:]
+    assert r1.num_aggregated == 7
+    statuses = sorted(n["status"] for n in r1.nodes)
+    assert statuses == ["failed"] * 3 + ["ok"] * 7
+    assert {n["reason"] for n in r1.nodes if n["status"] == "failed"} >= {
+        "node error: RuntimeError('disk on fire')", "no reply before the round timeout"}
+
+
+def test_too_many_failures_fail_the_run_after_retries(tmp_path):
+    cfg = tiny_config(**{"data.max_examples": 400, "federation.num_nodes": 10,
+                         "federation.rounds": 2, "federation.min_nodes": 8,
+                         "federation.max_round_retries": 1})
+    faults = {1: "raise", 2: "exit", 3: "timeout"}
+    with pytest.raises(RunFailed, match=r"round 1: fewer than federation.min_nodes=8 .* 2 "):
+        run(tmp_path, cfg, Faulty(tmp_path, 10, faults=faults))
+    info, _, _ = stored(tmp_path)
+    assert info["state"] == "failed" and "min_nodes=8" in info["error"]
+    assert [r["round"] for r in info["rounds"]] == [0, 1]  # round 0 and the failed attempts
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_zero_overrun_with_random_small_budgets(tmp_path, seed):
+    rnd = random.Random(seed)
+    cfg = tiny_config(**{"federation.rounds": 4, "privacy.target_epsilon": 4.0, "seed": seed})
+    limits = {pid: rnd.uniform(1.5, 5.0) for pid in range(3)}
+    summary = run(tmp_path, cfg, LocalTransport(tmp_path, 3, epsilon_limits=limits))
+    info, _, ledger = stored(tmp_path)
+    for r in info["rounds"]:
+        for n in r["nodes"]:
+            pid = int(n["node_id"].split("-")[1])
+            assert n["epsilon"] is None or n["epsilon"] <= limits[pid] + 1e-9
+            if n["status"] == "refused":
+                assert "budget exhausted" in n["reason"] and n["steps"] == 0
+    for e in ledger:
+        assert e["epsilon"] <= limits[int(e["node_id"].split("-")[1])] + 1e-9
+    # every refusing node's own ledger file still holds what it spent
+    for pid in range(3):
+        files = list(simulated_state_dir(tmp_path, "run-x", pid).glob("ledger-*.json"))
+        spent = [e for e in ledger if e["node_id"] == f"node-{pid}"]
+        assert bool(files) == bool(spent)
+    if summary.stopped_early:
+        assert "privacy budget exhausted" in summary.stopped_early
+
+
+def test_the_run_stops_cleanly_when_every_node_is_out_of_budget(tmp_path):
+    cfg = tiny_config(**{"federation.rounds": 3, "privacy.target_epsilon": 4.0})
+    # limits that allow exactly one round of the 3-round plan
+    summary = run(tmp_path, cfg, LocalTransport(tmp_path, 3, epsilon_limits={
+        0: 2.5, 1: 2.5, 2: 2.5}))
+    assert summary.state == "finished" and summary.stopped_early
+    assert "privacy budget exhausted at node-0, node-1, node-2" in summary.stopped_early
+    info, _, _ = stored(tmp_path)
+    assert any("run stopped before round" in e["message"] for e in info["events"])
+
+
+class Corrupting(LocalTransport):
+    def __init__(self, *a, how, **kw):
+        super().__init__(*a, **kw)
+        self.how = how  # nid -> "nan" | "shape" | "norm"
+
+    def train(self, requests, *, timeout, on_reply):
+        out = super().train(requests, timeout=timeout, on_reply=on_reply)
+        for nid, kind in self.how.items():
+            rep = out[nid]
+            assert isinstance(rep, TrainReply)
+            name = sorted(rep.arrays)[0]
+            a = rep.arrays[name].copy()
+            if kind == "nan":
+                a.flat[0] = np.nan
+            elif kind == "shape":
+                a = a[:-1]
+            else:
+                a = a + 100.0
+            rep.arrays[name] = a
+        return out
+
+
+def test_nan_wrong_shape_and_oversize_updates_are_rejected(tmp_path):
+    cfg = tiny_config(**{"data.max_examples": 200, "federation.num_nodes": 5,
+                         "federation.rounds": 1, "federation.max_update_norm": 50.0})
+    summary = run(tmp_path, cfg, Corrupting(tmp_path, 5, how={2: "nan", 3: "shape",
+                                                               4: "norm"}))
+    rows = {n["node_id"]: n for n in summary.rounds[1].nodes}
+    assert rows["node-0"]["status"] == rows["node-4"]["status"] == "ok"
+    assert "NaN" in rows["node-1"]["reason"]
+    assert "shape" in rows["node-2"]["reason"]
+    assert "exceeds the bound" in rows["node-3"]["reason"]
+    assert summary.rounds[1].num_aggregated == 2
+    with Store(tmp_path / "fedllm.db", read_only=True) as store:
+        rejected = [e.payload["node"] for e in store.audit_entries("run-x")
+                    if e.event == "update_rejected"]
+    assert sorted(rejected) == ["node-1", "node-2", "node-3"]
+
+
+def test_central_dp_is_applied_and_accounted(tmp_path):
+    from fedllm.privacy import compute_epsilon
+
+    cfg = tiny_config(**{"central_dp.enabled": True, "central_dp.noise_multiplier": 1.0,
+                         "central_dp.clip_norm": 0.05, "federation.rounds": 2})
+    run(tmp_path, cfg, LocalTransport(tmp_path, 3))
+    _, _, ledger = stored(tmp_path)
+    central = [e for e in ledger if e["node_id"] == CENTRAL_LEDGER_ID]
+    assert [e["entry_round"] for e in central] == [1, 2] and central[0]["kind"] == "node"
+    # q = 3/3 = 1, σ = 1, two releases: ε of a 2-fold Gaussian mechanism
+    assert central[1]["epsilon"] == pytest.approx(
+        compute_epsilon([(1.0, 1.0, 2)], delta=1e-3, accountant="rdp"))
+
+
+def test_audit_chain_detects_one_changed_byte(tmp_path):
+    cfg = tiny_config(**{"federation.rounds": 1})
+    run(tmp_path, cfg, LocalTransport(tmp_path, 3))
+    db = tmp_path / "fedllm.db"
+    with Store(db, read_only=True) as store:
+        entries = store.audit_entries("run-x")
+    assert verify_chain(entries).ok and len(entries) >= 4
+    target = entries[2]
+    conn = sqlite3.connect(db)
+    text = target.payload_json
+    i = text.index(":") + 1  # change one character of the payload
+    altered = text[:i] + ("1" if text[i] != "1" else "2") + text[i + 1:]
+    conn.execute("UPDATE audit_log SET payload_json = ? WHERE run_id = 'run-x' AND seq = ?",
+                 (altered, target.seq))
+    conn.commit()
+    conn.close()
+    with Store(db, read_only=True) as store:
+        check = verify_chain(store.audit_entries("run-x"))
+    assert not check.ok and check.first_bad_seq == target.seq and "payload" in check.reason
