@@ -83,6 +83,34 @@ def compute_epsilon(history: Iterable[tuple[float, float, int]], *, delta: float
     return _epsilon_cached(tuple(canonical_history(history)), float(delta), accountant)
 
 
+def independent_epsilon(history: Iterable[tuple[float, float, int]], *, delta: float,
+                        accountant: str) -> float:
+    """ε of the same history from Google's dp-accounting (an implementation independent of
+    Opacus): privacy loss distributions for "prv" and "gdp", RDP for "rdp". Used to verify
+    every ε in the store (``fedllm privacy RUN --verify``)."""
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    hist = canonical_history(history)
+    if not hist:
+        return 0.0
+    if any(s == 0 for s, _, _ in hist):
+        return math.inf
+    event = dp_event.ComposedDpEvent([dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+        for sigma, q, steps in hist])
+    acc: Any
+    if accountant == "rdp":
+        # Opacus' default orders, so the two RDP bounds are comparable.
+        orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+        acc = rdp_privacy_accountant.RdpAccountant(orders=orders)
+    else:
+        acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))
+
+
 @lru_cache(maxsize=256)
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str) -> float:
