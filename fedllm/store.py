@@ -110,6 +110,12 @@ CREATE TABLE IF NOT EXISTS privacy_ledger (
     accountant TEXT NOT NULL,
     PRIMARY KEY (run_id, node_id, seq)
 );
+CREATE TABLE IF NOT EXISTS dp_audits (    -- canary audits (`fedllm audit-dp`)
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    config_json TEXT NOT NULL,
+    results_json TEXT NOT NULL           -- list of fedllm.dpaudit.AuditResult dicts
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id TEXT NOT NULL,
@@ -265,6 +271,18 @@ class Store:
                            float(e["noise_multiplier"]), float(e["sample_rate"]),
                            int(e["steps"]), float(e["epsilon_after"]), float(delta),
                            accountant))
+
+    def record_dp_audit(self, *, config: dict[str, Any], results: list[dict[str, Any]]) -> int:
+        with self._tx() as c:
+            cur = c.execute("INSERT INTO dp_audits (time, config_json, results_json)"
+                            " VALUES (?,?,?)", (time.time(), json.dumps(config, sort_keys=True),
+                                                json.dumps(results)))
+            return int(cur.lastrowid or 0)
+
+    def dp_audits(self) -> list[dict[str, Any]]:
+        return [{"id": r["id"], "time": r["time"], "config": json.loads(r["config_json"]),
+                 "results": json.loads(r["results_json"])}
+                for r in self._conn.execute("SELECT * FROM dp_audits ORDER BY id DESC")]
 
     def append_audit(self, run_id: str, *, actor: str, event: str,
                      payload: dict[str, Any]) -> AuditEntry:
