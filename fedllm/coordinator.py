@@ -59,6 +59,11 @@ class RunFailed(RuntimeError):
     """The run cannot continue; the message is recorded as the run's error."""
 
 
+class RunInterrupted(Exception):
+    """The operator stopped the run (Ctrl-C / SIGTERM); completed rounds are kept and the run
+    can be resumed. An Exception, not a BaseException, so it crosses Flower's ServerApp thread."""
+
+
 class Transport(Protocol):
     def node_ids(self, *, min_nodes: int, timeout: float) -> list[int]:
         """Connected node ids, waiting up to ``timeout`` s for at least ``min_nodes``."""
@@ -165,7 +170,8 @@ class Coordinator:
     def __init__(self, config: RunConfig, store: Store, *, run_id: str, home: Path,
                  mode: str = "simulation", secure_transport: bool = False,
                  secure_aggregation: bool = False, resume: bool = False,
-                 observer: RunObserver | None = None) -> None:
+                 observer: RunObserver | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> None:
         self.config = config
         self.store = store
         self.run_id = run_id
@@ -175,6 +181,7 @@ class Coordinator:
         self.secure_aggregation = secure_aggregation  # coordinator sees masked updates only
         self.resume = resume
         self.observer = observer
+        self.should_stop = should_stop or (lambda: False)
         # Nodes (transport ids) that refused for lack of budget: never asked again this run.
         self._exhausted: dict[int, str] = {}
         self._last_limit: dict[str, float] = {}
@@ -234,6 +241,8 @@ class Coordinator:
                 start_round = 1
             out_dir = run_dir(self.home, self.run_id) / "adapter"
             for rnd in range(start_round, cfg.federation.rounds + 1):
+                if self.should_stop():
+                    raise RunInterrupted(f"interrupted by the user before round {rnd}")
                 try:
                     global_state, report = self._round(rnd, transport, loaded, eval_ds,
                                                        global_state, label_names)
@@ -246,8 +255,8 @@ class Coordinator:
                 self.store.update_run(self.run_id, adapter_path=adapter_path)
                 if self.observer:
                     self.observer.round_finished(report)
-        except KeyboardInterrupt:
-            self._end("interrupted", "interrupted by the user")
+        except (KeyboardInterrupt, RunInterrupted) as e:
+            self._end("interrupted", str(e) or "interrupted by the user")
             raise
         except Exception as e:  # recorded, then re-raised for the caller to report
             msg = f"{type(e).__name__}: {e}" if not isinstance(e, RunFailed) else str(e)

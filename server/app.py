@@ -16,7 +16,7 @@ from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm.config import RunConfig, load_config
-from fedllm.coordinator import Coordinator, RunObserver, RunSummary
+from fedllm.coordinator import Coordinator, RunInterrupted, RunObserver, RunSummary
 from fedllm.protocol import TrainReply, TrainRequest
 from fedllm.store import Store, default_db_path, fedllm_home, new_run_id
 from server.messages import content_to_reply, request_to_content
@@ -29,8 +29,13 @@ POLL_SECONDS = 0.2
 class GridTransport:
     """fedllm.coordinator.Transport over a Flower Grid (simulation or SuperLink)."""
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, should_stop: Callable[[], bool] | None = None) -> None:
         self.grid = grid
+        self.should_stop = should_stop or (lambda: False)
+
+    def _check_stop(self) -> None:
+        if self.should_stop():
+            raise RunInterrupted("interrupted by the user during a round")
 
     def node_ids(self, *, min_nodes: int, timeout: float) -> list[int]:
         deadline = time.monotonic() + timeout
@@ -38,6 +43,7 @@ class GridTransport:
             ids = list(self.grid.get_node_ids())
             if len(ids) >= min_nodes or time.monotonic() >= deadline:
                 return ids
+            self._check_stop()
             time.sleep(POLL_SECONDS)
 
     def train(self, requests: dict[int, TrainRequest], *, timeout: float,
@@ -67,6 +73,7 @@ class GridTransport:
                         out[nid] = f"malformed reply: {e}"
                 on_reply(nid)
             if pending:
+                self._check_stop()
                 time.sleep(POLL_SECONDS)
         for nid in pending.values():
             out[nid] = f"no reply within the round timeout ({timeout:g} s)"
@@ -75,23 +82,27 @@ class GridTransport:
 
 def coordinate(grid: Grid, config: RunConfig, *, home: Path, run_id: str,
                mode: str, secure_transport: bool, resume: bool = False,
-               observer: RunObserver | None = None) -> RunSummary:
+               observer: RunObserver | None = None,
+               should_stop: Callable[[], bool] | None = None) -> RunSummary:
     with Store(default_db_path(home)) as store:
         return Coordinator(config, store, run_id=run_id, home=home, mode=mode,
                            secure_transport=secure_transport, resume=resume,
-                           observer=observer).run(GridTransport(grid))
+                           observer=observer, should_stop=should_stop,
+                           ).run(GridTransport(grid, should_stop))
 
 
 def make_server_app(config: RunConfig, *, home: Path, run_id: str, resume: bool = False,
                     observer: RunObserver | None = None,
-                    result: list[RunSummary] | None = None) -> ServerApp:
+                    result: list[RunSummary] | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> ServerApp:
     """A ServerApp bound to an already validated config (used by ``fedllm run``)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         summary = coordinate(grid, config, home=home, run_id=run_id, mode="simulation",
-                             secure_transport=False, resume=resume, observer=observer)
+                             secure_transport=False, resume=resume, observer=observer,
+                             should_stop=should_stop)
         if result is not None:
             result.append(summary)
 

@@ -4,10 +4,38 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedllm.config import RunConfig
 from fedllm.coordinator import RunObserver, RunSummary
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """Ctrl-C / SIGTERM set an event the coordinator polls (it runs in Flower's ServerApp
+    thread, where a KeyboardInterrupt never arrives); the run then ends as 'interrupted' with
+    its completed rounds kept. A second Ctrl-C falls back to the default (immediate) handler."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        logging.getLogger(__name__).warning("stopping after the current step (signal %d); "
+                                            "press Ctrl-C again to abort at once", signum)
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def simulate(config: RunConfig, *, home: Path, run_id: str, resume: bool = False,
@@ -39,14 +67,16 @@ def simulate(config: RunConfig, *, home: Path, run_id: str, resume: bool = False
                       "log_to_driver": verbose},
     }
     result: list[RunSummary] = []
-    run_simulation(
-        server_app=make_server_app(config, home=home, run_id=run_id, resume=resume,
-                                   observer=observer, result=result),
-        client_app=make_client_app(home),
-        num_supernodes=n,
-        backend_config=backend_config,  # type: ignore[arg-type]
-        verbose_logging=verbose,
-    )
+    with stop_on_signals() as stop:
+        run_simulation(
+            server_app=make_server_app(config, home=home, run_id=run_id, resume=resume,
+                                       observer=observer, result=result,
+                                       should_stop=stop.is_set),
+            client_app=make_client_app(home),
+            num_supernodes=n,
+            backend_config=backend_config,  # type: ignore[arg-type]
+            verbose_logging=verbose,
+        )
     if not result:
         raise RuntimeError("the simulation ended without a result (see the log above)")
     return result[0]

@@ -16,7 +16,7 @@ from rich.table import Table
 from fedllm.cli.common import USER_ERRORS, HomeOpt, JsonOpt, app, err, fmt
 from fedllm.cli.common import console as make_console
 from fedllm.config import ConfigError, RunConfig, load_config, parse_set_options
-from fedllm.coordinator import RoundReport, RunFailed, RunSummary
+from fedllm.coordinator import RoundReport, RunFailed, RunInterrupted, RunSummary
 from fedllm.store import Store, StoreError, default_db_path, fedllm_home, new_run_id
 
 
@@ -196,7 +196,7 @@ def _simulate_and_report(cfg: RunConfig, console: Console, home_dir: Path, run_i
     except RunFailed as e:
         observer.close()
         raise err(f"run {run_id} failed: {e}", code=1) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunInterrupted):
         observer.close()
         raise err(f"run {run_id} interrupted; rounds completed so far are kept "
                   f"(continue with: fedllm run --resume {run_id})", 130) from None
