@@ -56,6 +56,19 @@ def load_run(run_id: str) -> dict[str, Any]:
     return dict(_read(lambda s: s.get_run(run_id)))
 
 
+def load_audit(run_id: str) -> tuple[list[Any], Any]:
+    """The run's audit entries and their chain check (``fedllm audit show|verify``)."""
+    from fedllm.audit import verify_chain
+
+    entries = list(_read(lambda s: s.audit_entries(run_id)))
+    return entries, verify_chain(entries)
+
+
+def load_ledger(run_id: str) -> list[dict[str, Any]]:
+    """Every stored ledger entry (``fedllm privacy <run> --json``)."""
+    return list(_read(lambda s: s.ledger(run_id)))
+
+
 def check_password() -> bool:
     """Optional access control. Off unless ``FEDLLM_DASHBOARD_PASSWORD_SHA256`` is set; then the
     SHA-256 hex digest of the entered password must match it (constant-time compare)."""

@@ -6,7 +6,7 @@ from typing import Any
 
 import streamlit as st
 
-from dashboard.common import live_page
+from dashboard.common import live_page, load_audit
 from dashboard.data import (
     events_frame,
     fmt_time,
@@ -52,8 +52,27 @@ def _events(run: dict[str, Any]) -> None:
     st.dataframe(events[events["Level"].isin(levels)], hide_index=True)
 
 
+def _chain(run: dict[str, Any]) -> None:
+    st.subheader("Hash-chained audit log")
+    entries, check = load_audit(run["run_id"])
+    if not entries:
+        st.caption("No audit entries recorded for this run.")
+        return
+    if check.ok:
+        st.success(f"Chain verifies: {check.entries} entries, head `{check.head}`.",
+                   icon=":material/verified:")
+    else:
+        st.error(f"**Audit log altered at entry {check.first_bad_seq}**: {check.reason}. "
+                 f"{check.entries} entries before it verify.", icon=":material/gpp_bad:")
+    rows = [{"Seq": e.seq, "Time": fmt_time(e.time), "Actor": e.actor, "Event": e.event,
+             "Payload": e.payload_json[:160], "Hash": e.hash[:16]} for e in entries]
+    st.dataframe(rows, hide_index=True)
+    st.caption("Same data: `fedllm audit show <run>`; check: `fedllm audit verify <run>`.")
+
+
 def render(run: dict[str, Any]) -> None:
     _participation(run)
+    _chain(run)
     _events(run)
     record = {k: run.get(k) for k in RUN_FIELDS}
     record["created_at"] = fmt_time(run.get("created_at"))

@@ -8,7 +8,7 @@ from typing import Any
 import altair as alt
 import streamlit as st
 
-from dashboard.common import fmt, live_page, show_chart
+from dashboard.common import fmt, live_page, load_ledger, show_chart
 from dashboard.data import epsilon_frame, privacy_frame, status_rows
 
 
@@ -76,8 +76,28 @@ def render(run: dict[str, Any]) -> None:
         st.caption("No node refused a round (no budget exhaustion recorded).")
     else:
         st.dataframe(refused, hide_index=True)
+    _ledger(run)
     st.caption("ε is cumulative per node as reported by its accountant and stored per round; "
-               "same data: `fedllm status <run> --json`.")
+               "same data: `fedllm status <run> --json` and `fedllm privacy <run> --json`.")
+
+
+def _ledger(run: dict[str, Any]) -> None:
+    st.subheader("Ledgers as the nodes reported them")
+    entries = load_ledger(run["run_id"])
+    if not entries:
+        st.caption("No ledger entries stored for this run.")
+        return
+    central = [e for e in entries if e["kind"] == "node"]
+    example = [e for e in entries if e["kind"] != "node"]
+    cols = ["node_id", "entry_run_id", "entry_round", "noise_multiplier", "sample_rate",
+            "steps", "epsilon", "delta", "accountant"]
+    if example:
+        st.caption("Example-level DP-SGD per node, including spend by earlier runs on the same "
+                   "data (run column). Verify every ε: `fedllm privacy <run> --verify`.")
+        st.dataframe([{k: e[k] for k in cols} for e in example], hide_index=True)
+    if central:
+        st.markdown("**Node-level DP at aggregation (central DP)**")
+        st.dataframe([{k: e[k] for k in cols[1:]} for e in central], hide_index=True)
 
 
 live_page("Privacy budget", render)

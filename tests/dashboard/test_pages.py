@@ -106,6 +106,9 @@ def test_privacy_page(tiny_run: dict, open_page: Open) -> None:
     assert m["Target ε (run)"] == f"{status['target_epsilon']:.3f}"
     assert m["Max ε spent (any node)"] == f"{max(last.values()):.3f}"
     assert len(at.get("vega_lite_chart")) == 1
+    ledger = _frame_with(at, "entry_round")
+    assert len(ledger) == 3 * status["num_rounds"]
+    assert max(ledger["epsilon"]) == pytest.approx(max(last.values()))
 
 
 def test_bias_page(tiny_run: dict, open_page: Open) -> None:
@@ -136,6 +139,9 @@ def test_audit_page(tiny_run: dict, open_page: Open) -> None:
         assert counts.loc[rd["round"], "ok"] == sum(n["status"] == "ok" for n in rd["nodes"])
     events = _frame_with(at, "Message")
     assert list(events["Message"]) == [e["message"] for e in status["events"]]
+    chain = _frame_with(at, "Hash")
+    assert chain["Event"].iloc[0] == "run_started" and chain["Event"].iloc[-1] == "run_finished"
+    assert any("Chain verifies" in s.value for s in at.success)
 
 
 # -- no store -----------------------------------------------------------------------------------
