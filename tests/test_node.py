@@ -96,3 +96,17 @@ def test_operator_limit_wins_over_the_plan(runtime_and_config, tmp_path):
     reply = rt.train(request(cfg, arrays, 1), identity=ident, data=simulated_node_data(cfg, 0))
     assert reply.status == "refused" and "limit 0.5" in reply.reason
     assert not list(tmp_path.glob("ledger-*.json"))  # nothing trained, nothing spent
+
+
+def test_a_restarted_node_continues_its_ledger(runtime_and_config, tmp_path):
+    """No privacy state lives in memory: a fresh runtime (a restarted node process) reads the
+    ledger file and composes on top of it."""
+    _, cfg, arrays = runtime_and_config
+    spec = simulated_node_data(cfg, 0)
+    ident = NodeIdentity("node-0", tmp_path)
+    r1 = NodeRuntime().train(request(cfg, arrays, 1), identity=ident, data=spec)
+    r2 = NodeRuntime().train(request(cfg, arrays, 2), identity=ident, data=spec)
+    assert r1.ok and r2.ok and r2.metrics["epsilon"] > r1.metrics["epsilon"]
+    assert [e["round"] for e in r2.ledger] == [1, 2]
+    r3 = NodeRuntime().train(request(cfg, arrays, 3), identity=ident, data=spec)
+    assert r3.status == "refused"  # the 2-round plan is spent, across restarts
