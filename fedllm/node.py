@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fedllm.config import RunConfig
+from fedllm.config import NodeConfig, RedactionConfig, RunConfig
 from fedllm.data import (
     DataError,
     TextTable,
     TokenizedDataset,
+    cap_per_user,
     check_trainable_size,
     encode_labels,
     fingerprint,
@@ -35,6 +36,8 @@ from fedllm.data import (
 from fedllm.model import LoadedModel, load_model, resolve_device
 from fedllm.privacy import NodeLedger, PrivacyError, calibrate_noise, ledger_path
 from fedllm.protocol import STATUS_OK, STATUS_REFUSED, TrainReply, TrainRequest
+from fedllm.sealed import SealedDir, SealedError
+from fedllm.store import fedllm_home
 from fedllm.train import DPParams, train_local
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,12 @@ class NodeDataSpec:
     max_examples: int = 0
     # Simulation only: this node's share of a shared file: (scheme, alpha, seed, index, count).
     partition: tuple[str, float, int, int, int] | None = None
+    # Node-side data protection (issue 9): user id column, per-user cap (0 = none), redaction
+    # (None = off). Applied after the ledger's fingerprint is taken from the raw data, so
+    # changing them never gives the same data a fresh ledger.
+    user_column: str | None = None
+    max_examples_per_user: int = 0
+    redaction: RedactionConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,9 @@ class NodeIdentity:
     state_dir: Path  # the node's own persistent state: privacy ledger, secret
     # The operator's ε limit. It wins over the coordinator's plan; None = use the plan's.
     epsilon_limit: float | None = None
+    # The operator key sealing the state (made by `fedllm node init`). None (simulation) = a
+    # key auto-created at <state_dir>/node.key on first use.
+    key_file: Path | None = None
 
 
 def simulated_node_data(config: RunConfig, partition_id: int) -> NodeDataSpec:
@@ -65,20 +77,50 @@ def simulated_node_data(config: RunConfig, partition_id: int) -> NodeDataSpec:
     d = config.data
     label_col = d.label_column if config.model.task == "seq-cls" else None
     paths = d.resolved_train_paths()
+    protection: dict[str, object] = dict(
+        user_column=d.user_column, max_examples_per_user=d.max_examples_per_user,
+        redaction=config.redaction if config.redaction.enabled else None)
     if config.partition.scheme == "files":
-        return NodeDataSpec(paths[partition_id], d.text_column, label_col, d.max_examples)
+        return NodeDataSpec(paths[partition_id], d.text_column, label_col, d.max_examples,
+                            **protection)  # type: ignore[arg-type]
     return NodeDataSpec(
         paths[0], d.text_column, label_col, d.max_examples,
         partition=(config.partition.scheme, config.partition.alpha, config.seed, partition_id,
                    config.federation.num_nodes),
+        **protection,  # type: ignore[arg-type]
     )
+
+
+def deployed_node(config: NodeConfig, home: str | Path | None = None
+                  ) -> tuple[NodeIdentity, NodeDataSpec]:
+    """A deployed node's identity (state dir, key file, ε limit) and data, from node.toml."""
+    n, d = config.node, config.data
+    state_dir = Path(n.state_dir) if n.state_dir else fedllm_home(home) / "nodes" / n.name
+    key_file = Path(n.key_file) if n.key_file else state_dir / "node.key"
+    identity = NodeIdentity(n.name, state_dir, epsilon_limit=config.privacy.max_epsilon,
+                            key_file=key_file)
+    spec = NodeDataSpec(d.path, d.text_column, d.label_column, d.max_examples,
+                        user_column=d.user_column,
+                        max_examples_per_user=config.contribution.max_examples_per_user,
+                        redaction=config.redaction if config.redaction.enabled else None)
+    return identity, spec
+
+
+def open_node_state(identity: NodeIdentity) -> SealedDir:
+    """The node's sealed state folder (see fedllm/sealed.py). Raises SealedError."""
+    if identity.key_file is None:
+        return SealedDir.open_or_create(identity.state_dir, identity.state_dir / "node.key")
+    from fedllm.sealed import load_key
+
+    return SealedDir(identity.state_dir, load_key(identity.key_file))
 
 
 def load_node_table(spec: NodeDataSpec, label_names: tuple[str, ...]
                     ) -> tuple[TextTable, np.ndarray | None]:
     """Read, validate and (in simulation) partition a node's data: (texts, label ids)."""
     table = read_table(spec.path, text_column=spec.text_column,
-                       label_column=spec.label_column, max_examples=spec.max_examples)
+                       label_column=spec.label_column, max_examples=spec.max_examples,
+                       user_column=spec.user_column)
     labels = encode_labels(table, label_names, spec.label_column) if spec.label_column else None
     if spec.partition is not None:
         scheme, alpha, seed, index, count = spec.partition
@@ -97,9 +139,13 @@ def check_simulation_data(config: RunConfig, label_names: tuple[str, ...]) -> li
     for pid in range(config.federation.num_nodes):
         spec = simulated_node_data(config, pid)
         table, _ = load_node_table(spec, label_names)
-        check_trainable_size(len(table), config.train.batch_size,
-                             where=f"node-{pid} ({spec.path})")
-        sizes.append(len(table))
+        n = len(table)
+        if spec.max_examples_per_user and table.user_ids is not None:
+            # How many rows the cap keeps does not depend on the node's secret.
+            per_user = np.unique(np.asarray(table.user_ids), return_counts=True)[1]
+            n = int(np.minimum(per_user, spec.max_examples_per_user).sum())
+        check_trainable_size(n, config.train.batch_size, where=f"node-{pid} ({spec.path})")
+        sizes.append(n)
     return sizes
 
 
@@ -123,7 +169,33 @@ def _round_seed(secret: bytes, run_id: str, rnd: int) -> int:
 @dataclass
 class _NodeData:
     dataset: TokenizedDataset
-    fingerprint: str
+    fingerprint: str  # of the raw data (before capping and redaction): the ledger's key
+    # Node-side protection applied (issue 9): what goes into the reply, never any value.
+    user_cap: int | None = None  # examples per user bound; None = unbounded/unknown
+    num_users: int | None = None
+    redactions: dict[str, int] | None = None
+
+
+def protect_table(table: TextTable, labels: np.ndarray | None, spec: NodeDataSpec, *,
+                  secret: bytes) -> tuple[TextTable, np.ndarray | None, _NodeData]:
+    """Per-user cap, then PII redaction, of a node's raw table (before tokenisation).
+    Returns the table to train on, its labels and what the reply may say about it."""
+    info = _NodeData(TokenizedDataset([], None), fingerprint(table, labels))
+    if table.user_ids is not None:
+        info.num_users = len(set(table.user_ids))
+        if spec.max_examples_per_user:
+            keep = cap_per_user(table.user_ids, table.texts,
+                                max_per_user=spec.max_examples_per_user, secret=secret)
+            table = subset(table, keep)
+            labels = None if labels is None else labels[keep]
+            info.user_cap = spec.max_examples_per_user
+    if spec.redaction is not None:
+        from fedllm.pii import build_redactor, redact_texts
+
+        res = redact_texts(build_redactor(spec.redaction), table.texts)
+        table = TextTable(table.path, res.texts, table.raw_labels, table.lines, table.user_ids)
+        info.redactions = res.counts
+    return table, labels, info
 
 
 class NodeRuntime:
@@ -149,14 +221,16 @@ class NodeRuntime:
         return self._model
 
     def data(self, spec: NodeDataSpec, loaded: LoadedModel, label_names: tuple[str, ...],
-             max_length: int) -> _NodeData:
-        key = (spec, loaded.base_path, label_names, max_length)
+             max_length: int, *, secret: bytes = b"") -> _NodeData:
+        key = (spec, loaded.base_path, label_names, max_length,
+               hashlib.sha256(secret).hexdigest())
         if key not in self._data:
             table, labels = load_node_table(spec, label_names)
-            ds = tokenize(loaded.tokenizer, table.texts, labels, max_length=max_length)
+            table, labels, info = protect_table(table, labels, spec, secret=secret)
+            info.dataset = tokenize(loaded.tokenizer, table.texts, labels, max_length=max_length)
             if len(self._data) >= 4:
                 self._data.pop(next(iter(self._data)))
-            self._data[key] = _NodeData(ds, fingerprint(table, labels))
+            self._data[key] = info
         return self._data[key]
 
     def train(self, request: TrainRequest, *, identity: NodeIdentity,
@@ -164,17 +238,20 @@ class NodeRuntime:
         cfg = request.config
         loaded = self.model(cfg, request.label_names)
         loaded.load_adapter_state(request.arrays)
-        node_data = self.data(data, loaded, request.label_names, cfg.model.max_length)
+        secret = node_secret(identity.state_dir)
+        node_data = self.data(data, loaded, request.label_names, cfg.model.max_length,
+                              secret=secret)
         ds = node_data.dataset
         check_trainable_size(len(ds), cfg.train.batch_size,
                              where=f"node {identity.name} ({data.path})")
-        secret = node_secret(identity.state_dir)
         seed = _round_seed(secret, request.run_id, request.round)
         metrics: dict[str, float] = {}
         reply = TrainReply(node=identity.name, status=STATUS_OK)
+        _protection_metrics(metrics, node_data)
 
         dp: DPParams | None = None
         ledger: NodeLedger | None = None
+        box: SealedDir | None = None
         lpath = ledger_path(identity.state_dir, node_data.fingerprint)
         if cfg.privacy.enabled:
             p = cfg.privacy
@@ -188,9 +265,14 @@ class NodeRuntime:
                                         sample_rate=q,
                                         steps=cfg.federation.rounds * round_steps,
                                         accountant=p.accountant)
-            ledger = NodeLedger.load_or_create(lpath, node=identity.name,
-                                               dataset=node_data.fingerprint,
-                                               accountant=p.accountant, delta=p.delta)
+            try:  # sealed node state (issue 9): deleted / tampered ledger -> refuse
+                box = open_node_state(identity)
+                ledger = NodeLedger.load_or_create(lpath, node=identity.name,
+                                                   dataset=node_data.fingerprint,
+                                                   accountant=p.accountant, delta=p.delta,
+                                                   box=box)
+            except (PrivacyError, SealedError) as e:
+                return self._refuse(reply, metrics, math.nan, str(e))
             limit = identity.epsilon_limit if identity.epsilon_limit is not None \
                 else p.epsilon_limit
             reply.accountant = p.accountant
@@ -218,8 +300,13 @@ class NodeRuntime:
         )
         if ledger is not None:
             # Persist the spend *before* the update leaves the node.
-            metrics["epsilon"] = ledger.record(request.run_id, request.round, result.history)
-            ledger.save(lpath)
+            metrics["epsilon"] = ledger.record(request.run_id, request.round, result.history,
+                                               user_cap=node_data.user_cap)
+            assert box is not None
+            ledger.save_sealed(box)
+            user = ledger.user_level()
+            if user.epsilon is not None and user.delta is not None:
+                metrics.update(user_epsilon=user.epsilon, user_delta=user.delta)
         metrics.update(num_examples=result.num_examples, steps=result.steps,
                        sample_rate=result.sample_rate, train_loss=result.mean_loss,
                        seconds=result.seconds)
@@ -233,10 +320,21 @@ class NodeRuntime:
         log.warning("%s refuses to train: %s", reply.node, reason)
         reply.status = STATUS_REFUSED
         reply.reason = reason
-        metrics["epsilon"] = spent
+        if not math.isnan(spent):  # NaN: the ledger could not be read, spend unknown
+            metrics["epsilon"] = spent
         metrics["steps"] = 0
         reply.metrics = metrics
         return reply
+
+
+def _protection_metrics(metrics: dict[str, float], node_data: _NodeData) -> None:
+    """Counts the reply may carry about the node's data protection (never any value)."""
+    if node_data.user_cap is not None:
+        metrics["max_examples_per_user"] = node_data.user_cap
+    if node_data.num_users is not None:
+        metrics["num_users"] = node_data.num_users
+    for entity, count in (node_data.redactions or {}).items():
+        metrics[f"redacted_{entity}"] = count
 
 
 __all__ = ["DataError", "NodeDataSpec", "NodeIdentity", "NodeRuntime", "PrivacyError",

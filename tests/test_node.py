@@ -7,6 +7,7 @@ from fedllm.model import load_model
 from fedllm.node import NodeIdentity, NodeRuntime, simulated_node_data
 from fedllm.privacy import NodeLedger
 from fedllm.protocol import TrainRequest
+from fedllm.sealed import SealedDir, load_key
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +39,14 @@ def test_rounds_compose_then_budget_refuses(runtime_and_config, tmp_path):
     # a new run on the same data starts from what was spent: the ledger follows the data
     r4 = rt.train(request(cfg, arrays, 1, run_id="run-b"), identity=ident, data=spec)
     assert r4.status == "refused"
-    (path,) = tmp_path.glob("ledger-*.json")
-    ledger = NodeLedger.from_json(path.read_text())
+    # the ledger is sealed (AES-GCM) under the node's auto-created simulation key
+    assert not list(tmp_path.glob("ledger-*.json"))
+    (path,) = tmp_path.glob("ledger-*.sealed")
+    assert b'"entries"' not in path.read_bytes()
+    box = SealedDir(tmp_path, load_key(tmp_path / "node.key"))
+    ledger = NodeLedger.from_json(box.read(path.name).decode())
     assert len(ledger.entries) == 2 and ledger.epsilon() == pytest.approx(r2.metrics["epsilon"])
+    assert ledger.user_level().method.startswith("unknown")  # no user column
 
 
 def test_replayed_round_is_refused(runtime_and_config, tmp_path):
@@ -57,4 +63,4 @@ def test_operator_limit_wins_over_the_plan(runtime_and_config, tmp_path):
     ident = NodeIdentity("node-0", tmp_path, epsilon_limit=0.5)
     reply = rt.train(request(cfg, arrays, 1), identity=ident, data=simulated_node_data(cfg, 0))
     assert reply.status == "refused" and "limit 0.5" in reply.reason
-    assert not list(tmp_path.glob("ledger-*.json"))  # nothing trained, nothing spent
+    assert not list(tmp_path.glob("ledger-*"))  # nothing trained, nothing spent
