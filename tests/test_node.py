@@ -64,3 +64,66 @@ def test_operator_limit_wins_over_the_plan(runtime_and_config, tmp_path):
     reply = rt.train(request(cfg, arrays, 1), identity=ident, data=simulated_node_data(cfg, 0))
     assert reply.status == "refused" and "limit 0.5" in reply.reason
     assert not list(tmp_path.glob("ledger-*"))  # nothing trained, nothing spent
+
+
+# -- node-side data protection (issue 9) --------------------------------------------------------
+
+
+def capped_user_data(tmp_path):
+    """A heavy user with 500 examples and 60 users with 2 each, real SST-2 sentences."""
+    from fedllm.config import demo_data_dir
+    from fedllm.data import read_table
+
+    src = read_table(demo_data_dir() / "sst2_train_sample.tsv", text_column="sentence",
+                     label_column="label", max_examples=620)
+    users = ["heavy"] * 500 + [f"c{i}" for i in range(60) for _ in range(2)]
+    path = tmp_path / "customers.tsv"
+    path.write_text("customer\tsentence\tlabel\n" + "".join(
+        f"{u}\t{t}\t{y}\n" for u, t, y in zip(users, src.texts, src.raw_labels, strict=True)),
+        encoding="utf-8")
+    return path
+
+
+def test_user_cap_and_user_level_epsilon_in_the_reply(runtime_and_config, tmp_path):
+    from fedllm.config import RedactionConfig
+    from fedllm.node import NodeDataSpec
+    from fedllm.privacy import group_privacy_bound
+
+    rt, cfg, arrays = runtime_and_config
+    spec = NodeDataSpec(str(capped_user_data(tmp_path)), "sentence", "label",
+                        user_column="customer", max_examples_per_user=20,
+                        redaction=RedactionConfig())
+    reply = rt.train(request(cfg, arrays, 1), identity=NodeIdentity("n", tmp_path / "s"),
+                     data=spec)
+    assert reply.ok
+    m = reply.metrics
+    assert m["num_examples"] == 20 + 120  # the heavy user contributes 20 of its 500
+    assert m["max_examples_per_user"] == 20 and m["num_users"] == 61
+    assert (m["user_epsilon"], m["user_delta"]) == group_privacy_bound(m["epsilon"],
+                                                                        m["delta"], 20)
+    row = reply.record_fields()
+    assert row["user_epsilon"] == pytest.approx(20 * m["epsilon"])
+    assert set(row["redactions"]) == {"email", "phone", "url", "ip", "credit_card", "iban",
+                                      "person"}
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_tampered_or_deleted_ledger_makes_the_node_refuse(runtime_and_config, tmp_path, damage):
+    rt, cfg, arrays = runtime_and_config
+    ident = NodeIdentity("node-0", tmp_path)
+    spec = simulated_node_data(cfg, 0)
+    assert rt.train(request(cfg, arrays, 1), identity=ident, data=spec).ok
+    (sealed,) = tmp_path.glob("ledger-*.sealed")
+    if damage == "flip":
+        raw = bytearray(sealed.read_bytes())
+        raw[40] ^= 0x01
+        sealed.write_bytes(bytes(raw))
+    else:
+        sealed.unlink()
+    reply = rt.train(request(cfg, arrays, 2), identity=ident, data=spec)
+    assert reply.status == "refused" and reply.arrays == {}
+    assert "refusing to train rather than restart from zero spent ε" in reply.reason
+    assert ("not the latest version" if damage == "flip" else "was deleted") in reply.reason
+    row = reply.record_fields()  # what the run store records for this node and round
+    assert row["status"] == "refused" and row["reason"] == reply.reason
+    assert "epsilon" not in row  # unknown, not zero
