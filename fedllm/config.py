@@ -53,8 +53,9 @@ class LoraConfig(_Frozen):
 # Entity types the node's redaction stage can detect; each is replaced by a typed placeholder
 # (<EMAIL>, <PHONE>, ...). "person" needs a detector: an operator names list and/or an
 # installed spaCy NER model (see fedllm/pii.py).
-REDACTION_ENTITIES = ("email", "phone", "url", "ip", "credit_card", "iban", "person")
 RedactionEntity = Literal["email", "phone", "url", "ip", "credit_card", "iban", "person"]
+REDACTION_ENTITIES: tuple[RedactionEntity, ...] = ("email", "phone", "url", "ip", "credit_card",
+                                                   "iban", "person")
 
 
 class RedactionConfig(_Frozen):

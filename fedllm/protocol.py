@@ -18,8 +18,9 @@ STATUS_OK = "ok"
 STATUS_REFUSED = "refused"  # the node declined (e.g. its privacy budget would be exceeded)
 
 # Numeric fields of a train reply (sent as a Flower MetricRecord).
-REPLY_METRICS = ("num_examples", "steps", "noise_multiplier", "sample_rate", "epsilon", "delta",
-                 "epsilon_limit", "train_loss", "seconds")
+REPLY_METRICS: tuple[str, ...] = (
+    "num_examples", "steps", "noise_multiplier", "sample_rate", "epsilon", "delta",
+    "epsilon_limit", "train_loss", "seconds")
 # Node-side data protection (issue 9): user-level (ε, δ) (group-privacy bound of the per-user
 # cap), the cap itself, the number of distinct users, and redactions per entity type (counts).
 REDACTION_METRICS = tuple(f"redacted_{e}" for e in REDACTION_ENTITIES)

@@ -9,7 +9,11 @@ import sys
 
 from rich.console import Console
 
-from fedllm.cli import run, runs  # noqa: F401  (registers commands, in this order)
+from fedllm.cli import (  # noqa: F401  (registers commands, in this order)
+    node_data,  # noqa: F401  (node init / node scan)
+    run,
+    runs,
+)
 from fedllm.cli.common import USER_ERRORS, app
 
 
