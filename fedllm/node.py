@@ -192,7 +192,10 @@ def protect_table(table: TextTable, labels: np.ndarray | None, spec: NodeDataSpe
     if spec.redaction is not None:
         from fedllm.pii import build_redactor, redact_texts
 
-        res = redact_texts(build_redactor(spec.redaction), table.texts)
+        redactor = build_redactor(spec.redaction)
+        for note in redactor.notes:
+            log.warning("redaction at this node: %s", note)
+        res = redact_texts(redactor, table.texts)
         table = TextTable(table.path, res.texts, table.raw_labels, table.lines, table.user_ids)
         info.redactions = res.counts
     return table, labels, info

@@ -129,6 +129,13 @@ def _print_data_protection(c: Console, run_info: dict[str, Any]) -> None:
         t.add_row(node, fmt(n.get("num_users")), fmt(n.get("max_examples_per_user")),
                   fmt(n.get("user_epsilon"), 3) if n.get("user_epsilon") is not None
                   else "unknown",
-                  f"{n['user_delta']:.2g}" if n.get("user_delta") is not None else "-",
+                  _user_delta(n.get("user_delta")),
                   *(fmt(red.get(e)) for e in entities))
     c.print(t)
+
+
+def _user_delta(d: float | None) -> str:
+    if d is None:
+        return "-"
+    # The group-privacy δ grows like e^{(k-1)ε}: say plainly when it bounds nothing.
+    return "1 (vacuous)" if d >= 1 else f"{d:.2g}"
