@@ -49,6 +49,27 @@ class LoraConfig(_Frozen):
     target_modules: tuple[str, ...] | None = None
 
 
+# -- node-side data protection (issue 9) -----------------------------------------------------
+# Entity types the node's redaction stage can detect; each is replaced by a typed placeholder
+# (<EMAIL>, <PHONE>, ...). "person" needs a detector: an operator names list and/or an
+# installed spaCy NER model (see fedllm/pii.py).
+RedactionEntity = Literal["email", "phone", "url", "ip", "credit_card", "iban", "person"]
+REDACTION_ENTITIES: tuple[RedactionEntity, ...] = ("email", "phone", "url", "ip", "credit_card",
+                                                   "iban", "person")
+
+
+class RedactionConfig(_Frozen):
+    """PII redaction at the node, before tokenisation (fedllm/pii.py)."""
+
+    enabled: bool = True
+    entities: tuple[RedactionEntity, ...] = REDACTION_ENTITIES
+    # A file of known person names (one per line, e.g. the operator's customer names):
+    # every occurrence is replaced by <PERSON>. Relative paths are relative to the CWD.
+    names_file: str | None = None
+    # An installed spaCy pipeline with NER (e.g. "en_core_web_sm") to detect other names.
+    ner_model: str | None = None
+
+
 class DataConfig(_Frozen):
     # Training data. One file is partitioned across nodes (`partition.scheme` iid/dirichlet);
     # with scheme "files" there is one file per node. None = shipped SST-2 demo sample.
@@ -65,6 +86,10 @@ class DataConfig(_Frozen):
     # Cap on examples read per file (0 = all); handy for quick runs on big files.
     max_examples: int = Field(0, ge=0)
     max_eval_examples: int = Field(0, ge=0)
+    # Node-side contribution bounding (issue 9): a user/customer id column and the cap on
+    # examples per user at each node (0 = no cap). Without a user column user-level ε is unknown.
+    user_column: str | None = None
+    max_examples_per_user: int = Field(0, ge=0)
 
     def resolved_train_paths(self) -> tuple[str, ...]:
         if self.train_paths:
@@ -168,6 +193,8 @@ class RunConfig(_Frozen):
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     central_dp: CentralDPConfig = CentralDPConfig()
+    # Simulated nodes' redaction (off by default: the demo data is public text).
+    redaction: RedactionConfig = RedactionConfig(enabled=False)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -189,6 +216,9 @@ class RunConfig(_Frozen):
                 f"federation.min_nodes ({fed.min_nodes}) exceeds the nodes sampled per round "
                 f"({fed.sampled_per_round})"
             )
+        if self.data.max_examples_per_user and not self.data.user_column:
+            raise ValueError("data.max_examples_per_user needs data.user_column "
+                             "(the column holding each example's user/customer id)")
         if self.train.physical_batch_size > self.train.batch_size:
             raise ValueError(
                 f"train.physical_batch_size ({self.train.physical_batch_size}) exceeds "
@@ -210,6 +240,9 @@ class NodeInfo(_Frozen):
     name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     # The node's persistent state (privacy ledgers, secret). None = $FEDLLM_HOME/nodes/<name>.
     state_dir: str | None = None
+    # The operator's key (AES-256-GCM, 0600, made by `fedllm node init`) sealing the node's
+    # state. None = <state_dir>/node.key. Losing it means losing the node's ledgers.
+    key_file: str | None = None
 
 
 class NodeDataConfig(_Frozen):
@@ -218,6 +251,14 @@ class NodeDataConfig(_Frozen):
     text_column: str = "sentence"
     label_column: str | None = "label"  # None for causal-lm data
     max_examples: int = Field(0, ge=0)
+    # Column with each example's user/customer id (enables per-user bounds; never sent).
+    user_column: str | None = None
+
+
+class NodeContributionConfig(_Frozen):
+    # At most this many examples of one user are trained on (a fixed, secret-seeded subsample
+    # per user); 0 = no cap. Needs data.user_column.
+    max_examples_per_user: int = Field(0, ge=0)
 
 
 class NodePrivacyConfig(_Frozen):
@@ -234,6 +275,15 @@ class NodeConfig(_Frozen):
     node: NodeInfo
     data: NodeDataConfig
     privacy: NodePrivacyConfig = NodePrivacyConfig()
+    redaction: RedactionConfig = RedactionConfig()
+    contribution: NodeContributionConfig = NodeContributionConfig()
+
+    @model_validator(mode="after")
+    def _cap_needs_user_column(self) -> NodeConfig:
+        if self.contribution.max_examples_per_user and not self.data.user_column:
+            raise ValueError("contribution.max_examples_per_user needs data.user_column "
+                             "(the column holding each example's user/customer id)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

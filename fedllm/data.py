@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ class TextTable:
     texts: list[str]
     raw_labels: list[str] | None
     lines: list[int]
+    # Each row's user/customer id when a user column was read (per-user contribution bounds).
+    user_ids: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -87,8 +90,10 @@ def read_table(
     text_column: str,
     label_column: str | None,
     max_examples: int = 0,
+    user_column: str | None = None,
 ) -> TextTable:
-    """Read a CSV/TSV/JSONL file; ``label_column=None`` for causal-lm (text only)."""
+    """Read a CSV/TSV/JSONL file; ``label_column=None`` for causal-lm (text only);
+    ``user_column`` names the column of user/customer ids (optional)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
@@ -96,7 +101,8 @@ def read_table(
         header, rows = _rows(p)
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    needed = [text_column] + ([label_column] if label_column else [])
+    needed = [text_column] + ([label_column] if label_column else []) \
+        + ([user_column] if user_column else [])
     if header is not None:
         missing = [c for c in needed if c not in header]
         if missing:
@@ -107,6 +113,7 @@ def read_table(
     texts: list[str] = []
     labels: list[str] | None = [] if label_column else None
     lines: list[int] = []
+    users: list[str] | None = [] if user_column else None
     for line, row in rows:
         if max_examples and len(texts) >= max_examples:
             break
@@ -122,10 +129,15 @@ def read_table(
             if raw is None or (isinstance(raw, str) and not raw.strip()):
                 raise DataError(f"{p}:{line}: empty label in column {label_column!r}")
             labels.append(str(raw).strip())
+        if users is not None and user_column:
+            uid = row[user_column]
+            if uid is None or not str(uid).strip():
+                raise DataError(f"{p}:{line}: empty user id in column {user_column!r}")
+            users.append(str(uid).strip())
         lines.append(line)
     if not texts:
         raise DataError(f"{p}: no examples (only a header or blank lines)")
-    return TextTable(str(p), texts, labels, lines)
+    return TextTable(str(p), texts, labels, lines, users)
 
 
 def infer_label_names(table: TextTable) -> tuple[str, ...]:
@@ -207,7 +219,35 @@ def subset(table: TextTable, idx: np.ndarray) -> TextTable:
         [table.texts[i] for i in idx],
         None if table.raw_labels is None else [table.raw_labels[i] for i in idx],
         [table.lines[i] for i in idx],
+        None if table.user_ids is None else [table.user_ids[i] for i in idx],
     )
+
+
+def cap_per_user(user_ids: Sequence[str], texts: Sequence[str], *, max_per_user: int,
+                 secret: bytes) -> np.ndarray:
+    """Indices (sorted) of the rows kept when each user contributes at most ``max_per_user``.
+
+    Which rows of a user are kept is a pseudo-random subsample fixed by the node's ``secret``:
+    each row gets the priority HMAC(secret, user, text) and a user's ``max_per_user`` rows of
+    lowest priority are kept. Deterministic (the same rows every round and run, so the data
+    and its ledger stay the same), unpredictable to anyone without the secret, and one user's
+    rows never influence which rows of another user are kept (so adding or removing a user
+    changes at most ``max_per_user`` trained examples: the group size of the user-level bound).
+    """
+    if max_per_user < 1:
+        raise ValueError(f"max_per_user must be ≥ 1, got {max_per_user}")
+    if len(user_ids) != len(texts):
+        raise ValueError("user_ids and texts differ in length")
+    by_user: dict[str, list[tuple[bytes, int]]] = {}
+    seen: dict[tuple[str, str], int] = {}
+    for i, (u, t) in enumerate(zip(user_ids, texts, strict=True)):
+        # Duplicates of one user's row are told apart by their occurrence number (not the
+        # global row index, which other users' rows would shift).
+        n = seen[(u, t)] = seen.get((u, t), -1) + 1
+        prio = hmac.new(secret, f"{u}\0{t}\0{n}".encode(), hashlib.sha256).digest()
+        by_user.setdefault(u, []).append((prio, i))
+    keep = [i for rows in by_user.values() for _, i in sorted(rows)[:max_per_user]]
+    return np.asarray(sorted(keep), dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------

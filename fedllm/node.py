@@ -16,16 +16,16 @@ import os
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from fedllm.aggregate import clip_update
-from fedllm.config import RunConfig
+from fedllm.config import NodeConfig, RedactionConfig, RunConfig
 from fedllm.data import (
     DataError,
     TextTable,
     TokenizedDataset,
+    cap_per_user,
     check_trainable_size,
     encode_labels,
     fingerprint,
@@ -36,7 +36,16 @@ from fedllm.data import (
 )
 from fedllm.model import LoadedModel, load_model, resolve_device
 from fedllm.privacy import NodeLedger, PrivacyError, ledger_path, plan_dp_sgd
-from fedllm.protocol import STATUS_OK, STATUS_REFUSED, TrainReply, TrainRequest
+from fedllm.protocol import (
+    STATUS_OK,
+    STATUS_REFUSED,
+    TrainReply,
+    TrainRequest,
+    pack_state,
+    unpack_state,
+)
+from fedllm.sealed import SealedDir, SealedError
+from fedllm.store import fedllm_home
 from fedllm.train import DPParams, train_local
 
 log = logging.getLogger(__name__)
@@ -52,6 +61,12 @@ class NodeDataSpec:
     max_examples: int = 0
     # Simulation only: this node's share of a shared file: (scheme, alpha, seed, index, count).
     partition: tuple[str, float, int, int, int] | None = None
+    # Node-side data protection (issue 9): user id column, per-user cap (0 = none), redaction
+    # (None = off). Applied after the ledger's fingerprint is taken from the raw data, so
+    # changing them never gives the same data a fresh ledger.
+    user_column: str | None = None
+    max_examples_per_user: int = 0
+    redaction: RedactionConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,9 @@ class NodeIdentity:
     max_delta: float | None = None
     # Whether the operator lets this node train runs with DP off.
     allow_no_dp: bool = False
+    # The operator key sealing the state (made by `fedllm node init`). None (simulation) = a
+    # key auto-created at <state_dir>/node.key on first use.
+    key_file: Path | None = None
 
 
 def simulated_node_data(config: RunConfig, partition_id: int) -> NodeDataSpec:
@@ -73,12 +91,17 @@ def simulated_node_data(config: RunConfig, partition_id: int) -> NodeDataSpec:
     d = config.data
     label_col = d.label_column if config.model.task == "seq-cls" else None
     paths = d.resolved_train_paths()
+    protection: dict[str, object] = dict(
+        user_column=d.user_column, max_examples_per_user=d.max_examples_per_user,
+        redaction=config.redaction if config.redaction.enabled else None)
     if config.partition.scheme == "files":
-        return NodeDataSpec(paths[partition_id], d.text_column, label_col, d.max_examples)
+        return NodeDataSpec(paths[partition_id], d.text_column, label_col, d.max_examples,
+                            **protection)  # type: ignore[arg-type]
     return NodeDataSpec(
         paths[0], d.text_column, label_col, d.max_examples,
         partition=(config.partition.scheme, config.partition.alpha, config.seed, partition_id,
                    config.federation.num_nodes),
+        **protection,  # type: ignore[arg-type]
     )
 
 
@@ -86,13 +109,37 @@ def simulated_state_dir(home: Path, run_id: str, partition_id: int) -> Path:
     """Where virtual node ``partition_id`` of a simulated run keeps its ledger, secret and
     releases (one layout for the Flower simulation and the in-process federation)."""
     return home / "runs" / run_id / "nodes" / f"node-{partition_id}"
+def deployed_node(config: NodeConfig, home: str | Path | None = None
+                  ) -> tuple[NodeIdentity, NodeDataSpec]:
+    """A deployed node's identity (state dir, key file, ε limit) and data, from node.toml."""
+    n, d = config.node, config.data
+    state_dir = Path(n.state_dir) if n.state_dir else fedllm_home(home) / "nodes" / n.name
+    key_file = Path(n.key_file) if n.key_file else state_dir / "node.key"
+    identity = NodeIdentity(n.name, state_dir, epsilon_limit=config.privacy.max_epsilon,
+                            max_delta=config.privacy.delta,
+                            allow_no_dp=config.privacy.allow_no_dp, key_file=key_file)
+    spec = NodeDataSpec(d.path, d.text_column, d.label_column, d.max_examples,
+                        user_column=d.user_column,
+                        max_examples_per_user=config.contribution.max_examples_per_user,
+                        redaction=config.redaction if config.redaction.enabled else None)
+    return identity, spec
+
+
+def open_node_state(identity: NodeIdentity) -> SealedDir:
+    """The node's sealed state folder (see fedllm/sealed.py). Raises SealedError."""
+    if identity.key_file is None:
+        return SealedDir.open_or_create(identity.state_dir, identity.state_dir / "node.key")
+    from fedllm.sealed import load_key
+
+    return SealedDir(identity.state_dir, load_key(identity.key_file))
 
 
 def load_node_table(spec: NodeDataSpec, label_names: tuple[str, ...]
                     ) -> tuple[TextTable, np.ndarray | None]:
     """Read, validate and (in simulation) partition a node's data: (texts, label ids)."""
     table = read_table(spec.path, text_column=spec.text_column,
-                       label_column=spec.label_column, max_examples=spec.max_examples)
+                       label_column=spec.label_column, max_examples=spec.max_examples,
+                       user_column=spec.user_column)
     labels = encode_labels(table, label_names, spec.label_column) if spec.label_column else None
     if spec.partition is not None:
         scheme, alpha, seed, index, count = spec.partition
@@ -111,9 +158,13 @@ def check_simulation_data(config: RunConfig, label_names: tuple[str, ...]) -> li
     for pid in range(config.federation.num_nodes):
         spec = simulated_node_data(config, pid)
         table, _ = load_node_table(spec, label_names)
-        check_trainable_size(len(table), config.train.batch_size,
-                             where=f"node-{pid} ({spec.path})")
-        sizes.append(len(table))
+        n = len(table)
+        if spec.max_examples_per_user and table.user_ids is not None:
+            # How many rows the cap keeps does not depend on the node's secret.
+            per_user = np.unique(np.asarray(table.user_ids), return_counts=True)[1]
+            n = int(np.minimum(per_user, spec.max_examples_per_user).sum())
+        check_trainable_size(n, config.train.batch_size, where=f"node-{pid} ({spec.path})")
+        sizes.append(n)
     return sizes
 
 
@@ -137,7 +188,36 @@ def _round_seed(secret: bytes, run_id: str, rnd: int) -> int:
 @dataclass
 class _NodeData:
     dataset: TokenizedDataset
-    fingerprint: str
+    fingerprint: str  # of the raw data (before capping and redaction): the ledger's key
+    # Node-side protection applied (issue 9): what goes into the reply, never any value.
+    user_cap: int | None = None  # examples per user bound; None = unbounded/unknown
+    num_users: int | None = None
+    redactions: dict[str, int] | None = None
+
+
+def protect_table(table: TextTable, labels: np.ndarray | None, spec: NodeDataSpec, *,
+                  secret: bytes) -> tuple[TextTable, np.ndarray | None, _NodeData]:
+    """Per-user cap, then PII redaction, of a node's raw table (before tokenisation).
+    Returns the table to train on, its labels and what the reply may say about it."""
+    info = _NodeData(TokenizedDataset([], None), fingerprint(table, labels))
+    if table.user_ids is not None:
+        info.num_users = len(set(table.user_ids))
+        if spec.max_examples_per_user:
+            keep = cap_per_user(table.user_ids, table.texts,
+                                max_per_user=spec.max_examples_per_user, secret=secret)
+            table = subset(table, keep)
+            labels = None if labels is None else labels[keep]
+            info.user_cap = spec.max_examples_per_user
+    if spec.redaction is not None:
+        from fedllm.pii import build_redactor, redact_texts
+
+        redactor = build_redactor(spec.redaction)
+        for note in redactor.notes:
+            log.warning("redaction at this node: %s", note)
+        res = redact_texts(redactor, table.texts)
+        table = TextTable(table.path, res.texts, table.raw_labels, table.lines, table.user_ids)
+        info.redactions = res.counts
+    return table, labels, info
 
 
 class NodeRuntime:
@@ -163,14 +243,16 @@ class NodeRuntime:
         return self._model
 
     def data(self, spec: NodeDataSpec, loaded: LoadedModel, label_names: tuple[str, ...],
-             max_length: int) -> _NodeData:
-        key = (spec, loaded.base_path, label_names, max_length)
+             max_length: int, *, secret: bytes = b"") -> _NodeData:
+        key = (spec, loaded.base_path, label_names, max_length,
+               hashlib.sha256(secret).hexdigest())
         if key not in self._data:
             table, labels = load_node_table(spec, label_names)
-            ds = tokenize(loaded.tokenizer, table.texts, labels, max_length=max_length)
+            table, labels, info = protect_table(table, labels, spec, secret=secret)
+            info.dataset = tokenize(loaded.tokenizer, table.texts, labels, max_length=max_length)
             if len(self._data) >= 4:
                 self._data.pop(next(iter(self._data)))
-            self._data[key] = _NodeData(ds, fingerprint(table, labels))
+            self._data[key] = info
         return self._data[key]
 
     def train(self, request: TrainRequest, *, identity: NodeIdentity,
@@ -187,16 +269,19 @@ class NodeRuntime:
                                 f"node's limit δ ≤ {identity.max_delta:g}")
         loaded = self.model(cfg, request.label_names)
         loaded.load_adapter_state(request.arrays)
-        node_data = self.data(data, loaded, request.label_names, cfg.model.max_length)
+        secret = node_secret(identity.state_dir)
+        node_data = self.data(data, loaded, request.label_names, cfg.model.max_length,
+                              secret=secret)
         ds = node_data.dataset
         check_trainable_size(len(ds), cfg.train.batch_size,
                              where=f"node {identity.name} ({data.path})")
-        secret = node_secret(identity.state_dir)
         seed = _round_seed(secret, request.run_id, request.round)
         metrics: dict[str, float] = {}
+        _protection_metrics(metrics, node_data)
 
         dp: DPParams | None = None
         ledger: NodeLedger | None = None
+        box: SealedDir | None = None
         lpath = ledger_path(identity.state_dir, node_data.fingerprint)
         if p.enabled:
             plan = plan_dp_sgd(num_examples=len(ds), batch_size=cfg.train.batch_size,
@@ -204,9 +289,14 @@ class NodeRuntime:
                                rounds=cfg.federation.rounds, target_epsilon=p.target_epsilon,
                                delta=p.delta, accountant=p.accountant,
                                noise_multiplier=p.noise_multiplier, project=False)
-            ledger = NodeLedger.load_or_create(lpath, node=identity.name,
-                                               dataset=node_data.fingerprint,
-                                               accountant=p.accountant, delta=p.delta)
+            try:  # sealed node state: a deleted or tampered ledger -> refuse, never reset
+                box = open_node_state(identity)
+                ledger = NodeLedger.load_or_create(lpath, node=identity.name,
+                                                   dataset=node_data.fingerprint,
+                                                   accountant=p.accountant, delta=p.delta,
+                                                   box=box)
+            except (PrivacyError, SealedError) as e:
+                return self._refuse(reply, metrics, None, str(e))
             limit = identity.epsilon_limit if identity.epsilon_limit is not None \
                 else p.epsilon_limit
             reply.accountant = p.accountant
@@ -217,7 +307,10 @@ class NodeRuntime:
             if ledger.has_round(request.run_id, request.round):
                 # A retried or resumed round: re-send exactly what was released (no new ε);
                 # never train it again.
-                replay = load_release(identity.state_dir, request.run_id, request.round)
+                try:
+                    replay = load_release(box, request.run_id, request.round)
+                except SealedError as e:
+                    return self._refuse(reply, metrics, ledger, str(e))
                 if replay is None:
                     return self._refuse(reply, metrics, ledger,
                                         f"round {request.round} of run {request.run_id} was "
@@ -250,10 +343,15 @@ class NodeRuntime:
                        sample_rate=result.sample_rate, train_loss=result.mean_loss,
                        seconds=result.seconds)
         if ledger is not None:
+            assert box is not None
             # Persist the spend and the release *before* the update leaves the node.
-            metrics["epsilon"] = ledger.record(request.run_id, request.round, result.history)
-            save_release(identity.state_dir, request.run_id, request.round, arrays, metrics)
-            ledger.save(lpath)
+            metrics["epsilon"] = ledger.record(request.run_id, request.round, result.history,
+                                               user_cap=node_data.user_cap)
+            user = ledger.user_level()
+            if user.epsilon is not None and user.delta is not None:
+                metrics.update(user_epsilon=user.epsilon, user_delta=user.delta)
+            save_release(box, request.run_id, request.round, arrays, metrics)
+            ledger.save_sealed(box)
             reply.ledger = [asdict(e) for e in ledger.entries]
         reply.arrays = arrays
         reply.metrics = metrics
@@ -273,32 +371,36 @@ class NodeRuntime:
         return reply
 
 
-def _release_path(state_dir: Path, run_id: str, rnd: int) -> Path:
-    return state_dir / "releases" / run_id / f"round-{rnd}.npz"
+def _release_name(run_id: str, rnd: int) -> str:
+    return f"release-{hashlib.sha256(run_id.encode()).hexdigest()[:16]}-r{rnd}.npz"
 
 
-def save_release(state_dir: Path, run_id: str, rnd: int, arrays: dict[str, np.ndarray],
+def save_release(box: SealedDir, run_id: str, rnd: int, arrays: dict[str, np.ndarray],
                  metrics: dict[str, float]) -> None:
-    """Keep what this node released for (run, round), so a retried or resumed round re-sends
-    the same update instead of training (and spending ε) again. Atomic write."""
-    path = _release_path(state_dir, run_id, rnd)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    """Keep what this node released for (run, round), sealed, so a retried or resumed round
+    re-sends the same update instead of training (and spending ε) again."""
     meta = np.frombuffer(json.dumps(metrics).encode(), dtype=np.uint8)
-    payload: dict[str, Any] = {"__metrics__": meta, **arrays}
-    np.savez(tmp, **payload)
-    os.replace(tmp, path)
+    box.write(_release_name(run_id, rnd), pack_state({"__metrics__": meta, **arrays}))
 
 
-def load_release(state_dir: Path, run_id: str, rnd: int
+def load_release(box: SealedDir, run_id: str, rnd: int
                  ) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:
-    path = _release_path(state_dir, run_id, rnd)
-    if not path.exists():
+    blob = box.read(_release_name(run_id, rnd))
+    if blob is None:
         return None
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files if k != "__metrics__"}
-        metrics = json.loads(z["__metrics__"].tobytes().decode())
-    return arrays, metrics
+    state = unpack_state(blob)
+    metrics = json.loads(state.pop("__metrics__").tobytes().decode())
+    return state, metrics
+
+
+def _protection_metrics(metrics: dict[str, float], node_data: _NodeData) -> None:
+    """Counts the reply may carry about the node's data protection (never any value)."""
+    if node_data.user_cap is not None:
+        metrics["max_examples_per_user"] = node_data.user_cap
+    if node_data.num_users is not None:
+        metrics["num_users"] = node_data.num_users
+    for entity, count in (node_data.redactions or {}).items():
+        metrics[f"redacted_{entity}"] = count
 
 
 __all__ = ["DataError", "NodeDataSpec", "NodeIdentity", "NodeRuntime", "PrivacyError",

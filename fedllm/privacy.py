@@ -19,6 +19,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from fedllm.sealed import SealedDir, SealedError
+
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 
 History = list[tuple[float, float, int]]  # [(noise_multiplier, sample_rate, steps)]
@@ -201,6 +203,9 @@ class LedgerEntry:
     sample_rate: float
     steps: int
     epsilon_after: float  # cumulative ε after this entry, as computed when recorded
+    # Examples per user trained on in this round (the node's cap); None = no user column, so
+    # nothing bounds one user's contribution.
+    user_cap: int | None = None
 
 
 @dataclass
@@ -236,15 +241,21 @@ class NodeLedger:
     def has_round(self, run_id: str, rnd: int) -> bool:
         return any(e.run_id == run_id and e.round == rnd for e in self.entries)
 
-    def record(self, run_id: str, rnd: int, history: Sequence[tuple[float, float, int]]) -> float:
+    def record(self, run_id: str, rnd: int, history: Sequence[tuple[float, float, int]],
+               *, user_cap: int | None = None) -> float:
         """Append a trained round's releases; returns the new cumulative ε."""
         if self.has_round(run_id, rnd):
             raise PrivacyError(
                 f"ledger of {self.node}: round {rnd} of run {run_id} already recorded")
         for sigma, q, steps in canonical_history(history):
             eps = self.epsilon(extra=[(sigma, q, steps)])
-            self.entries.append(LedgerEntry(run_id, rnd, sigma, q, steps, eps))
+            self.entries.append(LedgerEntry(run_id, rnd, sigma, q, steps, eps, user_cap))
         return self.epsilon()
+
+    def user_level(self) -> UserLevel:
+        """User-level (ε, δ) of everything in the ledger (see :func:`user_level_bound`)."""
+        return user_level_bound(self.epsilon(), self.delta,
+                                [e.user_cap for e in self.entries])
 
     # -- persistence (atomic: a crash leaves either the old or the new file) ------------------
 
@@ -252,7 +263,9 @@ class NodeLedger:
         return json.dumps({"node": self.node, "dataset": self.dataset,
                            "accountant": self.accountant, "delta": self.delta,
                            "entries": [asdict(e) for e in self.entries],
-                           "resets": self.resets}, indent=1)
+                           "resets": self.resets,
+                           # informational (recomputed on load): how user-level ε is known
+                           "user_level": asdict(self.user_level())}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> NodeLedger:
@@ -274,24 +287,110 @@ class NodeLedger:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def save_sealed(self, box: SealedDir) -> None:
+        """Persist sealed (AES-GCM) under the node key, tracked by the state manifest."""
+        box.write(sealed_ledger_name(self.dataset), self.to_json().encode("utf-8"))
+
     @classmethod
     def load_or_create(cls, path: Path, *, node: str, dataset: str, accountant: str,
-                       delta: float) -> NodeLedger:
-        if not path.exists():
+                       delta: float, box: SealedDir | None = None) -> NodeLedger:
+        """The node's ledger for ``dataset``. With ``box`` (a node key is configured) it is
+        read from the sealed state folder: deleted, tampered or rolled back is a
+        PrivacyError, never a fresh ledger. A plain JSON ledger left at ``path`` by an older
+        fedllm is taken over (sealed, then removed) so no spend is forgotten."""
+        text: str | None
+        if box is not None:
+            name = sealed_ledger_name(dataset)
+            try:
+                raw = box.read(name)
+            except SealedError as e:
+                raise PrivacyError(f"privacy ledger of {node} cannot be trusted: {e}; refusing "
+                                   "to train rather than restart from zero spent ε") from None
+            text = raw.decode("utf-8") if raw is not None else None
+            where = str(box.root / name)
+            if text is None and path.exists():  # migrate a plain ledger into sealed state
+                ledger = cls._parse(path.read_text(encoding="utf-8"), str(path))
+                ledger.save_sealed(box)
+                path.unlink()
+                text = ledger.to_json()
+        else:
+            text = path.read_text(encoding="utf-8") if path.exists() else None
+            where = str(path)
+        if text is None:
             return cls(node=node, dataset=dataset, accountant=accountant, delta=delta)
-        try:
-            ledger = cls.from_json(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise PrivacyError(f"privacy ledger {path} is unreadable ({e}); refusing to train "
-                               "rather than restart from zero spent ε") from None
+        ledger = cls._parse(text, where)
         if (ledger.accountant, ledger.delta) != (accountant, delta):
             raise PrivacyError(
-                f"privacy ledger {path} uses accountant={ledger.accountant} δ={ledger.delta}, "
+                f"privacy ledger {where} uses accountant={ledger.accountant} δ={ledger.delta}, "
                 f"the run asks for accountant={accountant} δ={delta}; a node keeps one "
                 "accountant and δ per dataset"
             )
         return ledger
 
+    @classmethod
+    def _parse(cls, text: str, where: str) -> NodeLedger:
+        try:
+            return cls.from_json(text)
+        except (ValueError, KeyError, TypeError) as e:
+            raise PrivacyError(f"privacy ledger {where} is unreadable ({e}); refusing to train "
+                               "rather than restart from zero spent ε") from None
+
 
 def ledger_path(state_dir: Path, dataset: str) -> Path:
     return state_dir / f"ledger-{dataset}.json"
+
+
+def sealed_ledger_name(dataset: str) -> str:
+    return f"ledger-{dataset}.sealed"
+
+
+# --------------------------------------------------------------------------------------------
+# User-level privacy (issue 9): per-user contribution bounding + group privacy
+
+USER_LEVEL_GROUP = "group-privacy bound"
+USER_LEVEL_UNKNOWN = "unknown (no user column or no per-user cap)"
+
+
+def group_privacy_bound(epsilon: float, delta: float, k: int) -> tuple[float, float]:
+    """Group privacy: a mechanism that is (ε, δ)-DP for one example is, for any group of k
+    examples (here: everything one user contributes when each user is capped at k examples),
+
+        (k·ε,  k·e^{(k-1)·ε}·δ)-DP.
+
+    (Induction over a chain of k neighbouring datasets; Dwork & Roth, Thm. 2.2 for δ = 0, and
+    Vadhan 2017, Lemma 2.2 for δ > 0.) The δ term grows like e^{(k-1)ε}, so for large k·ε it
+    is ≥ 1, i.e. the bound says nothing — the ledger reports it as it is rather than hide it.
+    """
+    if k < 1:
+        raise ValueError(f"group size must be ≥ 1, got {k}")
+    if math.isinf(epsilon):
+        return math.inf, 1.0
+    try:
+        d = k * math.exp((k - 1) * epsilon) * delta
+    except OverflowError:
+        d = math.inf
+    return k * epsilon, min(1.0, d)
+
+
+@dataclass(frozen=True)
+class UserLevel:
+    """User-level guarantee of a ledger: ``method`` says how it was obtained."""
+
+    method: str  # USER_LEVEL_GROUP or USER_LEVEL_UNKNOWN
+    epsilon: float | None = None
+    delta: float | None = None
+    cap: int | None = None  # the largest per-user cap over the ledger's entries
+
+
+def user_level_bound(epsilon: float, delta: float,
+                     caps: Sequence[int | None]) -> UserLevel:
+    """User-level (ε, δ) of releases with example-level (ε, δ) whose rounds capped each user
+    at ``caps`` examples. Any round without a cap (no user column) makes it unknown; with caps
+    the bound uses the largest one (a user contributes at most that many to every round)."""
+    if not caps:
+        return UserLevel(USER_LEVEL_GROUP, 0.0, 0.0, None)
+    if any(c is None for c in caps):
+        return UserLevel(USER_LEVEL_UNKNOWN)
+    k = max(int(c) for c in caps if c is not None)
+    eps_u, delta_u = group_privacy_bound(epsilon, delta, k)
+    return UserLevel(USER_LEVEL_GROUP, eps_u, delta_u, k)

@@ -14,15 +14,22 @@ from typing import Any
 
 import numpy as np
 
-from fedllm.config import RunConfig
+from fedllm.config import REDACTION_ENTITIES, RunConfig
 
 STATUS_OK = "ok"
 STATUS_REFUSED = "refused"  # the node declined (e.g. its privacy budget would be exceeded)
 
 # Numeric fields of a train reply (sent as a Flower MetricRecord).
-REPLY_METRICS = ("num_examples", "steps", "noise_multiplier", "sample_rate", "epsilon", "delta",
-                 "epsilon_limit", "train_loss", "seconds",
-                 "replayed")  # 1 = the node re-sent its stored release of this round
+REPLY_METRICS: tuple[str, ...] = (
+    "num_examples", "steps", "noise_multiplier", "sample_rate", "epsilon", "delta",
+    "epsilon_limit", "train_loss", "seconds",
+    "replayed")  # 1 = the node re-sent its stored release of this round
+# Node-side data protection (issue 9): user-level (ε, δ) (group-privacy bound of the per-user
+# cap), the cap itself, the number of distinct users, and redactions per entity type (counts).
+REDACTION_METRICS = tuple(f"redacted_{e}" for e in REDACTION_ENTITIES)
+PROTECTION_METRICS = ("user_epsilon", "user_delta", "max_examples_per_user", "num_users",
+                      *REDACTION_METRICS)
+REPLY_METRICS = REPLY_METRICS + PROTECTION_METRICS
 
 
 def state_bytes(state: dict[str, np.ndarray]) -> int:
@@ -64,8 +71,14 @@ class TrainReply:
                                "update_bytes": update_bytes}
         for k in REPLY_METRICS:
             v = self.metrics.get(k)
-            if v is not None:
-                out[k] = int(v) if k in ("num_examples", "steps") else float(v)
+            if v is None or k in REDACTION_METRICS:
+                continue
+            out[k] = int(v) if k in ("num_examples", "steps", "max_examples_per_user",
+                                     "num_users") else float(v)
+        redactions = {k.removeprefix("redacted_"): int(self.metrics[k])
+                      for k in REDACTION_METRICS if k in self.metrics}
+        if redactions:
+            out["redactions"] = redactions  # the store keeps these in node_redactions
         return out
 
 

@@ -116,6 +116,15 @@ CREATE TABLE IF NOT EXISTS dp_audits (    -- canary audits (`fedllm audit-dp`)
     config_json TEXT NOT NULL,
     results_json TEXT NOT NULL           -- list of fedllm.dpaudit.AuditResult dicts
 );
+-- Node-side PII redaction (issue 9): replacements per entity type; counts only, never values.
+CREATE TABLE IF NOT EXISTS node_redactions (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    entity TEXT NOT NULL,                -- 'email' | 'phone' | 'url' | 'ip' | ... | 'person'
+    count INTEGER NOT NULL,
+    PRIMARY KEY (run_id, round, node_id, entity)
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id TEXT NOT NULL,
@@ -128,13 +137,19 @@ CREATE TABLE IF NOT EXISTS events (
 # (table, column, declaration) of columns added after schema version 1 shipped.
 _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("runs", "secure_aggregation", "INTEGER NOT NULL DEFAULT 0"),
+    # issue 9: user-level (ε, δ) of the node (group-privacy bound of its per-user cap; NULL =
+    # unknown), the cap, and the number of distinct users in its data
+    ("node_rounds", "user_epsilon", "REAL"),
+    ("node_rounds", "user_delta", "REAL"),
+    ("node_rounds", "max_examples_per_user", "INTEGER"),
+    ("node_rounds", "num_users", "INTEGER"),
 )
 
 CENTRAL_LEDGER_ID = "*central*"  # node_id of the coordinator's node-level DP ledger
 
 NODE_FIELDS = ("status", "reason", "num_examples", "steps", "noise_multiplier", "sample_rate",
                "epsilon", "delta", "accountant", "epsilon_limit", "update_bytes", "train_loss",
-               "seconds")
+               "seconds", "user_epsilon", "user_delta", "max_examples_per_user", "num_users")
 
 
 class StoreError(RuntimeError):
@@ -252,6 +267,9 @@ class Store:
                     f"{', '.join(NODE_FIELDS)}) VALUES (?,?,?,{','.join('?' * len(NODE_FIELDS))})",
                     (run_id, rnd, n["node_id"], *(n.get(f) for f in NODE_FIELDS)),
                 )
+                for entity, count in (n.get("redactions") or {}).items():
+                    c.execute("INSERT OR REPLACE INTO node_redactions VALUES (?,?,?,?,?)",
+                              (run_id, rnd, n["node_id"], entity, int(count)))
             for actor, event, payload in audit:
                 self._append_audit(c, run_id, actor, event, payload)
             if checkpoint is not None:
@@ -366,6 +384,19 @@ class Store:
         d["label_names"] = json.loads(row["label_names"]) if row["label_names"] else None
         return d
 
+    def _redactions(self, run_id: str) -> dict[tuple[int, str], dict[str, int]]:
+        """(round, node) -> {entity: count} of the node-side PII redaction."""
+        try:
+            rows = self._conn.execute(
+                "SELECT round, node_id, entity, count FROM node_redactions WHERE run_id = ?"
+                " ORDER BY entity", (run_id,)).fetchall()
+        except sqlite3.OperationalError:  # read-only store from before the table existed
+            return {}
+        out: dict[tuple[int, str], dict[str, int]] = {}
+        for r in rows:
+            out.setdefault((r["round"], r["node_id"]), {})[r["entity"]] = r["count"]
+        return out
+
     def get_run(self, run_id: str) -> dict[str, Any]:
         """Everything known about a run: the shape of ``fedllm status --json``."""
         run_id = self.resolve_run_id(run_id)
@@ -375,10 +406,14 @@ class Store:
         node_rows = self._conn.execute(
             "SELECT * FROM node_rounds WHERE run_id = ? ORDER BY round, node_id", (run_id,)
         ).fetchall()
+        redactions = self._redactions(run_id)
         by_round: dict[int, list[dict[str, Any]]] = {}
         for nr in node_rows:
+            have = nr.keys()  # a read-only store written by an older fedllm lacks new columns
             by_round.setdefault(nr["round"], []).append(
-                {"node_id": nr["node_id"], **{f: nr[f] for f in NODE_FIELDS}})
+                {"node_id": nr["node_id"], **{f: nr[f] if f in have else None
+                                              for f in NODE_FIELDS},
+                 "redactions": redactions.get((nr["round"], nr["node_id"]))})
         rounds = []
         for rr in self._conn.execute(
                 "SELECT * FROM rounds WHERE run_id = ? ORDER BY round", (run_id,)).fetchall():

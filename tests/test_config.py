@@ -83,3 +83,24 @@ def test_node_config_loads_and_names_bad_fields(tmp_path):
     assert "node.name" in str(e.value) and "privacy.max_epsilon" in str(e.value)
     with pytest.raises(ConfigError, match="not found"):
         load_node_config(tmp_path / "missing.toml")
+
+
+def test_node_data_protection_sections(tmp_path):
+    from fedllm.config import load_node_config
+
+    base = '[node]\nname = "acme"\n[data]\npath = "d.tsv"\n'
+    p = tmp_path / "node.toml"
+    p.write_text(base, encoding="utf-8")
+    cfg = load_node_config(p)
+    # deployed nodes redact every entity type by default; no cap, no user column
+    assert cfg.redaction.enabled and "email" in cfg.redaction.entities
+    assert cfg.contribution.max_examples_per_user == 0 and cfg.node.key_file is None
+    assert not RunConfig().redaction.enabled  # simulations: opt-in (public demo data)
+    p.write_text(base + "[contribution]\nmax_examples_per_user = 20\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="needs data.user_column"):
+        load_node_config(p)
+    p.write_text(base + '[redaction]\nentities = ["email", "ssn"]\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"redaction\.entities\.1"):
+        load_node_config(p)
+    with pytest.raises(ConfigError, match="needs data.user_column"):
+        load_config(None, {"data.max_examples_per_user": 5})

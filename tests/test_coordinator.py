@@ -155,7 +155,7 @@ def test_zero_overrun_with_random_small_budgets(tmp_path, seed):
         assert e["epsilon"] <= limits[int(e["node_id"].split("-")[1])] + 1e-9
     # every refusing node's own ledger file still holds what it spent
     for pid in range(3):
-        files = list(simulated_state_dir(tmp_path, "run-x", pid).glob("ledger-*.json"))
+        files = list(simulated_state_dir(tmp_path, "run-x", pid).glob("ledger-*.sealed"))
         spent = [e for e in ledger if e["node_id"] == f"node-{pid}"]
         assert bool(files) == bool(spent)
     if summary.stopped_early:

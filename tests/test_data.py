@@ -106,3 +106,38 @@ def test_collator_pads_dynamically():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [1, 0]
+
+
+# -- per-user contribution bounding (issue 9) ---------------------------------------------------
+
+
+def test_a_user_with_500_examples_contributes_at_most_the_cap():
+    from fedllm.data import cap_per_user
+
+    users = ["heavy"] * 500 + [f"u{i}" for i in range(100) for _ in range(3)]
+    texts = [f"text {i}" for i in range(len(users))]
+    keep = cap_per_user(users, texts, max_per_user=20, secret=b"a" * 32)
+    kept = [users[i] for i in keep]
+    assert kept.count("heavy") == 20 and len(keep) == 20 + 300  # small users untouched
+    assert list(keep) == sorted(keep)
+    # deterministic for one secret, a different subsample for another
+    assert np.array_equal(keep, cap_per_user(users, texts, max_per_user=20, secret=b"a" * 32))
+    other = cap_per_user(users, texts, max_per_user=20, secret=b"b" * 32)
+    assert set(keep[:20].tolist()) != set(other[:20].tolist())
+    # another user's rows do not change which rows of "heavy" are kept
+    more = cap_per_user(["x"] * 7 + users, ["y"] * 7 + texts, max_per_user=20,
+                        secret=b"a" * 32)
+    assert [i - 7 for i in more if i >= 7 and users[i - 7] == "heavy"] == \
+        [i for i in keep if users[i] == "heavy"]
+
+
+def test_user_column_is_read_and_validated(tmp_path):
+    p = write(tmp_path / "u.tsv", "uid\tsentence\tlabel\nc1\tgood\t1\nc2\tbad\t0\n")
+    t = read_table(p, text_column="sentence", label_column="label", user_column="uid")
+    assert t.user_ids == ["c1", "c2"]
+    assert read_table(p, text_column="sentence", label_column="label").user_ids is None
+    bad = write(tmp_path / "b.tsv", "uid\tsentence\tlabel\nc1\tgood\t1\n \tbad\t0\n")
+    with pytest.raises(DataError, match=r"b.tsv:3: empty user id in column 'uid'"):
+        read_table(bad, text_column="sentence", label_column="label", user_column="uid")
+    with pytest.raises(DataError, match="missing column.*'customer'"):
+        read_table(p, text_column="sentence", label_column="label", user_column="customer")

@@ -7,6 +7,7 @@ from fedllm.model import load_model
 from fedllm.node import NodeIdentity, NodeRuntime, simulated_node_data
 from fedllm.privacy import NodeLedger
 from fedllm.protocol import TrainRequest
+from fedllm.sealed import SealedDir, load_key
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +39,14 @@ def test_rounds_compose_then_budget_refuses(runtime_and_config, tmp_path):
     # a new run on the same data starts from what was spent: the ledger follows the data
     r4 = rt.train(request(cfg, arrays, 1, run_id="run-b"), identity=ident, data=spec)
     assert r4.status == "refused"
-    (path,) = tmp_path.glob("ledger-*.json")
-    ledger = NodeLedger.from_json(path.read_text())
+    # the ledger is sealed (AES-GCM) under the node's auto-created simulation key
+    assert not list(tmp_path.glob("ledger-*.json"))
+    (path,) = tmp_path.glob("ledger-*.sealed")
+    assert b'"entries"' not in path.read_bytes()
+    box = SealedDir(tmp_path, load_key(tmp_path / "node.key"))
+    ledger = NodeLedger.from_json(box.read(path.name).decode())
     assert len(ledger.entries) == 2 and ledger.epsilon() == pytest.approx(r2.metrics["epsilon"])
+    assert ledger.user_level().method.startswith("unknown")  # no user column
 
 
 def test_a_retried_round_resends_the_same_release_without_spending_again(
@@ -53,14 +59,16 @@ def test_a_retried_round_resends_the_same_release_without_spending_again(
     assert first.ok and again.ok and again.metrics["replayed"] == 1
     assert again.metrics["epsilon"] == first.metrics["epsilon"]
     assert all((again.arrays[k] == first.arrays[k]).all() for k in first.arrays)
-    (path,) = tmp_path.glob("ledger-*.json")
-    assert len(NodeLedger.from_json(path.read_text()).entries) == 1  # counted once
+    (path,) = tmp_path.glob("ledger-*.sealed")
+    box = SealedDir(tmp_path, load_key(tmp_path / "node.key"))
+    assert len(NodeLedger.from_json(box.read(path.name).decode()).entries) == 1  # counted once
     assert len(again.ledger) == 1 and again.ledger[0]["round"] == 1
-    # without the stored release the node refuses rather than train the round twice
-    for f in (tmp_path / "releases").rglob("*.npz"):
-        f.unlink()
+    # the release is sealed node state too: deleted, the node refuses rather than retrain
+    (release,) = tmp_path.glob("release-*.npz")
+    assert b"lora" not in release.read_bytes()
+    release.unlink()
     lost = rt.train(request(cfg, arrays, 1), identity=ident, data=spec)
-    assert lost.status == "refused" and "already trained" in lost.reason
+    assert lost.status == "refused" and "was deleted" in lost.reason
 
 
 def test_operator_refuses_larger_delta_and_dp_off(runtime_and_config, tmp_path):
@@ -95,7 +103,7 @@ def test_operator_limit_wins_over_the_plan(runtime_and_config, tmp_path):
     ident = NodeIdentity("node-0", tmp_path, epsilon_limit=0.5)
     reply = rt.train(request(cfg, arrays, 1), identity=ident, data=simulated_node_data(cfg, 0))
     assert reply.status == "refused" and "limit 0.5" in reply.reason
-    assert not list(tmp_path.glob("ledger-*.json"))  # nothing trained, nothing spent
+    assert not list(tmp_path.glob("ledger-*"))  # nothing trained, nothing spent
 
 
 def test_a_restarted_node_continues_its_ledger(runtime_and_config, tmp_path):
@@ -110,3 +118,66 @@ def test_a_restarted_node_continues_its_ledger(runtime_and_config, tmp_path):
     assert [e["round"] for e in r2.ledger] == [1, 2]
     r3 = NodeRuntime().train(request(cfg, arrays, 3), identity=ident, data=spec)
     assert r3.status == "refused"  # the 2-round plan is spent, across restarts
+
+
+# -- node-side data protection (issue 9) --------------------------------------------------------
+
+
+def capped_user_data(tmp_path):
+    """A heavy user with 500 examples and 60 users with 2 each, real SST-2 sentences."""
+    from fedllm.config import demo_data_dir
+    from fedllm.data import read_table
+
+    src = read_table(demo_data_dir() / "sst2_train_sample.tsv", text_column="sentence",
+                     label_column="label", max_examples=620)
+    users = ["heavy"] * 500 + [f"c{i}" for i in range(60) for _ in range(2)]
+    path = tmp_path / "customers.tsv"
+    path.write_text("customer\tsentence\tlabel\n" + "".join(
+        f"{u}\t{t}\t{y}\n" for u, t, y in zip(users, src.texts, src.raw_labels, strict=True)),
+        encoding="utf-8")
+    return path
+
+
+def test_user_cap_and_user_level_epsilon_in_the_reply(runtime_and_config, tmp_path):
+    from fedllm.config import RedactionConfig
+    from fedllm.node import NodeDataSpec
+    from fedllm.privacy import group_privacy_bound
+
+    rt, cfg, arrays = runtime_and_config
+    spec = NodeDataSpec(str(capped_user_data(tmp_path)), "sentence", "label",
+                        user_column="customer", max_examples_per_user=20,
+                        redaction=RedactionConfig())
+    reply = rt.train(request(cfg, arrays, 1), identity=NodeIdentity("n", tmp_path / "s"),
+                     data=spec)
+    assert reply.ok
+    m = reply.metrics
+    assert m["num_examples"] == 20 + 120  # the heavy user contributes 20 of its 500
+    assert m["max_examples_per_user"] == 20 and m["num_users"] == 61
+    assert (m["user_epsilon"], m["user_delta"]) == group_privacy_bound(m["epsilon"],
+                                                                        m["delta"], 20)
+    row = reply.record_fields()
+    assert row["user_epsilon"] == pytest.approx(20 * m["epsilon"])
+    assert set(row["redactions"]) == {"email", "phone", "url", "ip", "credit_card", "iban",
+                                      "person"}
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_tampered_or_deleted_ledger_makes_the_node_refuse(runtime_and_config, tmp_path, damage):
+    rt, cfg, arrays = runtime_and_config
+    ident = NodeIdentity("node-0", tmp_path)
+    spec = simulated_node_data(cfg, 0)
+    assert rt.train(request(cfg, arrays, 1), identity=ident, data=spec).ok
+    (sealed,) = tmp_path.glob("ledger-*.sealed")
+    if damage == "flip":
+        raw = bytearray(sealed.read_bytes())
+        raw[40] ^= 0x01
+        sealed.write_bytes(bytes(raw))
+    else:
+        sealed.unlink()
+    reply = rt.train(request(cfg, arrays, 2), identity=ident, data=spec)
+    assert reply.status == "refused" and reply.arrays == {}
+    assert "refusing to train rather than restart from zero spent ε" in reply.reason
+    assert ("not the latest version" if damage == "flip" else "was deleted") in reply.reason
+    row = reply.record_fields()  # what the run store records for this node and round
+    assert row["status"] == "refused" and row["reason"] == reply.reason
+    assert "epsilon" not in row  # unknown, not zero

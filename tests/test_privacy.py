@@ -100,3 +100,63 @@ def test_ledger_never_silently_resets(tmp_path):
     led.save(path)
     with pytest.raises(PrivacyError, match="one accountant and δ"):
         NodeLedger.load_or_create(path, node="n0", dataset="abc", accountant="rdp", delta=1e-5)
+
+
+# -- user-level privacy and the sealed ledger (issue 9) -----------------------------------------
+
+
+def test_group_privacy_bound_formula():
+    from fedllm.privacy import group_privacy_bound
+
+    assert group_privacy_bound(0.5, 1e-6, 1) == (0.5, 1e-6)
+    eps, delta = group_privacy_bound(0.1, 1e-8, 20)
+    assert eps == pytest.approx(2.0)
+    assert delta == pytest.approx(20 * math.exp(19 * 0.1) * 1e-8)  # 1.337e-06
+    assert group_privacy_bound(4.0, 1e-5, 20) == (80.0, 1.0)  # vacuous δ, reported as such
+    with pytest.raises(ValueError):
+        group_privacy_bound(1.0, 1e-5, 0)
+
+
+def test_ledger_user_level_is_the_group_bound_of_the_cap_or_unknown():
+    from fedllm.privacy import USER_LEVEL_GROUP, USER_LEVEL_UNKNOWN, group_privacy_bound
+
+    capped = NodeLedger(node="n", dataset="d", accountant="rdp", delta=1e-5)
+    capped.record("r", 1, [(4.0, 0.01, 100)], user_cap=20)
+    capped.record("r", 2, [(4.0, 0.01, 100)], user_cap=5)
+    u = capped.user_level()
+    assert u.method == USER_LEVEL_GROUP == "group-privacy bound" and u.cap == 20
+    assert (u.epsilon, u.delta) == group_privacy_bound(capped.epsilon(), 1e-5, 20)
+    assert '"group-privacy bound"' in capped.to_json()
+    uncapped = NodeLedger(node="n", dataset="d", accountant="rdp", delta=1e-5)
+    uncapped.record("r", 1, [(4.0, 0.01, 100)])
+    assert uncapped.user_level().method == USER_LEVEL_UNKNOWN
+    assert uncapped.user_level().epsilon is None
+    # entries of older ledgers (no user_cap field) load as unknown
+    assert NodeLedger.from_json(uncapped.to_json()).entries[0].user_cap is None
+
+
+def test_sealed_ledger_roundtrip_tamper_delete_and_migration(tmp_path):
+    from fedllm.sealed import SealedDir, create_key_file
+
+    box = SealedDir.initialise(tmp_path, create_key_file(tmp_path / "node.key"))
+    kw = dict(node="n", dataset="abc", accountant="rdp", delta=1e-5)
+    plain = ledger_path(tmp_path, "abc")
+    # an older fedllm's plain ledger is taken over, not forgotten
+    old = NodeLedger(**kw)
+    old.record("r", 1, [(1.0, 0.1, 10)])
+    old.save(plain)
+    led = NodeLedger.load_or_create(plain, box=box, **kw)
+    assert len(led.entries) == 1 and not plain.exists()
+    assert (tmp_path / "ledger-abc.sealed").exists()
+    led.record("r", 2, [(1.0, 0.1, 10)])
+    led.save_sealed(box)
+    assert len(NodeLedger.load_or_create(plain, box=box, **kw).entries) == 2
+    sealed = tmp_path / "ledger-abc.sealed"
+    raw = bytearray(sealed.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    sealed.write_bytes(bytes(raw))
+    with pytest.raises(PrivacyError, match="cannot be trusted.*not the latest version"):
+        NodeLedger.load_or_create(plain, box=box, **kw)
+    sealed.unlink()
+    with pytest.raises(PrivacyError, match="was deleted"):
+        NodeLedger.load_or_create(plain, box=box, **kw)

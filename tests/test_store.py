@@ -66,3 +66,23 @@ def test_old_store_gains_new_columns(tmp_path):
     conn.close()
     with Store(db) as store:
         assert store.get_run("r1")["secure_aggregation"] is False
+
+
+def test_node_data_protection_is_stored_as_counts(tmp_path):
+    """Issue 9: user-level ε, the cap, users and redaction counts per node and round."""
+    from fedllm.protocol import TrainReply
+
+    reply = TrainReply(node="node-0", status="ok", metrics={
+        "num_examples": 140, "epsilon": 0.4, "user_epsilon": 8.0, "user_delta": 0.02,
+        "max_examples_per_user": 20, "num_users": 61, "redacted_email": 3,
+        "redacted_person": 0})
+    with Store(tmp_path / "s.db") as s:
+        make_run(s)
+        s.record_round("r1", 1, started_at=0.0, num_nodes=1, metrics={},
+                       nodes=[reply.record_fields(), {"node_id": "node-1", "status": "ok"}])
+    with Store(tmp_path / "s.db", read_only=True) as s:
+        n0, n1 = s.get_run("r1")["rounds"][0]["nodes"]
+    assert (n0["user_epsilon"], n0["user_delta"], n0["max_examples_per_user"],
+            n0["num_users"]) == (8.0, 0.02, 20, 61)
+    assert n0["redactions"] == {"email": 3, "person": 0}
+    assert n1["redactions"] is None and n1["user_epsilon"] is None  # unknown, not 0

@@ -9,11 +9,12 @@ import sys
 
 from rich.console import Console
 
-from fedllm.cli import (  # noqa: F401  (registers commands, in this order)
-    privacy,  # noqa: F401
-    run,
-    runs,
-)
+from fedllm.cli import run, runs  # noqa: F401  (registers commands: these first)
+
+# isort: split
+from fedllm.cli import node_data, privacy  # noqa: F401
+
+# isort: split
 from fedllm.cli.common import USER_ERRORS, app
 
 

@@ -165,25 +165,35 @@ def audit_verify(run_id: RunArg = "latest", home: HomeOpt = None) -> None:
 def reset_ledger(
     state_dir: Annotated[Path, typer.Option(help="the node's state directory")],
     reason: Annotated[str, typer.Option(help="why (kept in the ledger forever)")],
+    key_file: Annotated[Path | None, typer.Option(
+        help="the node's key (default: <state-dir>/node.key)")] = None,
     dataset: Annotated[str | None, typer.Option(
         help="dataset fingerprint of the ledger to reset (default: the only one)")] = None,
     yes: Annotated[bool, typer.Option("--yes", help="confirm")] = False,
 ) -> None:
     """Operator only: restart a dataset's spent ε from zero, recording the old entries, who,
-    when and why in the ledger. Only sensible when the data itself was replaced."""
-    from fedllm.privacy import NodeLedger, PrivacyError
+    when and why in the (sealed) ledger. Only sensible when the data itself was replaced."""
+    from fedllm.privacy import NodeLedger, PrivacyError, sealed_ledger_name
+    from fedllm.sealed import SealedDir, SealedError, load_key
 
-    files = sorted(state_dir.glob(f"ledger-{dataset or '*'}.json"))
-    if not files:
-        raise err(f"no ledger {'for ' + dataset if dataset else ''} in {state_dir}")
-    if len(files) > 1:
-        raise err("several ledgers in " + str(state_dir) + ": pass --dataset, one of "
-                  + ", ".join(f.stem.removeprefix("ledger-") for f in files))
-    path = files[0]
     try:
-        ledger = NodeLedger.from_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise err(f"ledger {path} is unreadable: {e}") from None
+        box = SealedDir(state_dir, load_key(key_file or state_dir / "node.key"))
+        names = [n for n in box.names() if n.startswith("ledger-")]
+    except (SealedError, OSError) as e:
+        raise err(f"cannot open the node state in {state_dir}: {e}") from None
+    if dataset:
+        names = [n for n in names if n == sealed_ledger_name(dataset)]
+    if not names:
+        raise err(f"no ledger {'for ' + dataset + ' ' if dataset else ''}in {state_dir}")
+    if len(names) > 1:
+        raise err("several ledgers in " + str(state_dir) + ": pass --dataset, one of "
+                  + ", ".join(n.removeprefix("ledger-").removesuffix(".sealed") for n in names))
+    try:
+        raw = box.read(names[0])
+        assert raw is not None
+        ledger = NodeLedger.from_json(raw.decode())
+    except (SealedError, ValueError, KeyError, TypeError) as e:
+        raise err(f"ledger {state_dir / names[0]} is unreadable: {e}") from None
     if not yes:
         raise err(f"this resets {ledger.node}'s spent ε={ledger.epsilon():.3f} on dataset "
                   f"{ledger.dataset} to 0; add --yes to confirm")
@@ -191,10 +201,10 @@ def reset_ledger(
         rec = ledger.reset(operator=getpass.getuser(), reason=reason, now=time.time())
     except PrivacyError as e:
         raise err(str(e)) from None
-    ledger.save(path)
-    make_console().print(f"ledger {path} reset by {rec['operator']}: ε {rec['epsilon_before']:.3f}"
-                         f" → 0 ({len(rec['entries'])} entries kept under 'resets')")
-
+    ledger.save_sealed(box)
+    make_console().print(f"ledger {state_dir / names[0]} reset by {rec['operator']}: ε "
+                         f"{rec['epsilon_before']:.3f} → 0 ({len(rec['entries'])} entries kept "
+                         "under 'resets')")
 
 
 @app.command("audit-dp")

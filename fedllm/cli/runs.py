@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from fedllm.cli.common import HomeOpt, JsonOpt, app, err, fmt
@@ -91,6 +92,7 @@ def status(
                        fmt(n["sample_rate"], 4), fmt(n["epsilon"], 3),
                        fmt(n["update_bytes"]), n["reason"] or "")
     c.print(nt)
+    _print_data_protection(c, run_info)
     for e in run_info["events"]:
         c.print(f"[{'red' if e['level'] != 'info' else 'dim'}]{e['level']}: {e['message']}[/]")
 
@@ -105,3 +107,35 @@ def dashboard(
     from dashboard.launch import launch
 
     raise typer.Exit(launch(home=fedllm_home(home), port=port, address=address))
+
+
+def _print_data_protection(c: Console, run_info: dict[str, Any]) -> None:
+    """Node-side data protection (issue 9): user-level ε and PII redaction counts per node
+    (the latest round each node reported them)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for r in run_info["rounds"]:
+        for n in r["nodes"]:
+            if n.get("redactions") or n.get("num_users") is not None \
+                    or n.get("user_epsilon") is not None:
+                latest[n["node_id"]] = n
+    if not latest:
+        return
+    entities = sorted({e for n in latest.values() for e in (n.get("redactions") or {})})
+    t = Table(title="node data protection (user-level ε: group-privacy bound of the cap)")
+    for col in ("node", "users", "cap/user", "user ε", "user δ", *entities):
+        t.add_column(col)
+    for node, n in sorted(latest.items()):
+        red = n.get("redactions") or {}
+        t.add_row(node, fmt(n.get("num_users")), fmt(n.get("max_examples_per_user")),
+                  fmt(n.get("user_epsilon"), 3) if n.get("user_epsilon") is not None
+                  else "unknown",
+                  _user_delta(n.get("user_delta")),
+                  *(fmt(red.get(e)) for e in entities))
+    c.print(t)
+
+
+def _user_delta(d: float | None) -> str:
+    if d is None:
+        return "-"
+    # The group-privacy δ grows like e^{(k-1)ε}: say plainly when it bounds nothing.
+    return "1 (vacuous)" if d >= 1 else f"{d:.2g}"

@@ -68,8 +68,15 @@ def test_reset_ledger_needs_reason_and_confirmation_and_keeps_history(tiny_run, 
     src = tiny_run["home"] / "runs" / tiny_run["run_id"] / "nodes" / "node-0"
     state = tmp_path / "node-0"
     shutil.copytree(src, state)
-    (path,) = state.glob("ledger-*.json")
-    before = NodeLedger.from_json(path.read_text())
+    from fedllm.sealed import SealedDir, load_key
+
+    (path,) = state.glob("ledger-*.sealed")
+
+    def read():
+        box = SealedDir(state, load_key(state / "node.key"))
+        return NodeLedger.from_json(box.read(path.name).decode())
+
+    before = read()
     assert before.epsilon() > 0
     no = run_cli(["node", "reset-ledger", "--state-dir", str(state), "--reason", "new data"],
                  tmp_path)
@@ -77,7 +84,7 @@ def test_reset_ledger_needs_reason_and_confirmation_and_keeps_history(tiny_run, 
     yes = run_cli(["node", "reset-ledger", "--state-dir", str(state), "--reason",
                    "data replaced", "--yes"], tmp_path)
     assert yes.returncode == 0, yes.stderr
-    after = NodeLedger.from_json(path.read_text())
+    after = read()
     assert after.epsilon() == 0 and after.entries == []
     (rec,) = after.resets
     assert rec["reason"] == "data replaced" and len(rec["entries"]) == len(before.entries)
