@@ -40,6 +40,7 @@ import os
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -295,6 +296,21 @@ class Aggregate:
     clipped: int  # coordinates clipped, summed over the aggregated nodes
     aggregated: list[int]  # U3
     dropped: list[int]  # U2 \ U3 (masks removed via their reconstructed keys)
+
+
+@dataclass
+class SecureRoundResult:
+    """What a transport's secure round hands the coordinator: per-node reply metadata (no
+    arrays) or a failure reason, and the unmasked weighted mean of the nodes' updates."""
+
+    replies: dict[int, Any]  # node id -> TrainReply without arrays, or a failure reason (str)
+    bytes_sent: dict[int, int] = field(default_factory=dict)  # per node, all stages
+    mean: dict[str, np.ndarray] | None = None  # weighted mean update (delta), float32
+    total_weight: int = 0
+    clipped: int = 0
+    aggregated: list[int] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)  # trained and advertised, not aggregated
+    error: str | None = None  # the round's secure aggregation failed (SecAggError message)
 
 
 def share_index(nodes: Iterable[int], node: int) -> int:

@@ -130,10 +130,8 @@ def test_round_survives_a_dropout_at_each_stage(stage):
     victim = sorted(ups)[2]
     kw = {f"drop_before_{stage}": {victim}}
     agg, *_ = run_protocol(ups, ws, **kw)
-    if stage == "unmask":  # uploaded, then died: still aggregated
-        expected_nodes = ups
-    else:
-        expected_nodes = {k: v for k, v in ups.items() if k != victim}
+    # A node that uploaded and then died is still aggregated.
+    expected_nodes = ups if stage == "unmask" else {k: v for k, v in ups.items() if k != victim}
     assert agg.aggregated == sorted(expected_nodes)
     assert agg.dropped == ([victim] if stage == "mask" else [])
     assert agg.total_weight == sum(ws[i] for i in expected_nodes)
