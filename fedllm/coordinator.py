@@ -276,7 +276,7 @@ class Coordinator:
             row = reply.record_fields()
             row["update_bytes"] = result.bytes_sent.get(nid)  # masked vector + keys + shares
             if reply.ok and nid not in aggregated:
-                row.update(status="dropped", reason=result.error
+                row.update(status="dropped", reason=result.reasons.get(nid) or result.error
                            or "dropped out of the secure aggregation round")
             rows.append(row)
         new_state: dict[str, np.ndarray] | None = None

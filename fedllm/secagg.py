@@ -305,6 +305,7 @@ class SecureRoundResult:
 
     replies: dict[int, Any]  # node id -> TrainReply without arrays, or a failure reason (str)
     bytes_sent: dict[int, int] = field(default_factory=dict)  # per node, all stages
+    reasons: dict[int, str] = field(default_factory=dict)  # why a node that trained dropped
     mean: dict[str, np.ndarray] | None = None  # weighted mean update (delta), float32
     total_weight: int = 0
     clipped: int = 0

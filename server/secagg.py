@@ -72,7 +72,7 @@ def exchange(grid: Grid, contents: dict[int, RecordDict], action: str, *, timeou
             if nid is None:
                 continue
             if reply.has_error():
-                out[nid] = f"node error at {action}: {reply.error.reason}"
+                out[nid] = f"node error at {action}: {_last_line(reply.error.reason)}"
             else:
                 out[nid] = reply.content
                 sizes[nid] = content_bytes(reply.content)
@@ -83,6 +83,12 @@ def exchange(grid: Grid, contents: dict[int, RecordDict], action: str, *, timeou
     for nid in pending.values():
         out[nid] = f"no reply at {action} within {timeout:g} s"
     return out, sizes
+
+
+def _last_line(text: str, limit: int = 300) -> str:
+    """The useful end of a node error (Ray wraps it in a whole traceback)."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return (lines[-1] if lines else "")[:limit]
 
 
 def _ids(values: list[int]) -> list[str]:
@@ -100,10 +106,16 @@ def train_secure(grid: Grid, requests: dict[int, TrainRequest], *, timeout: floa
     length = int(sum(req.arrays[n].size for n in names))
     server = ServerSession(RoundId(req.run_id, req.round), params, length)
     replies: dict[int, TrainReply | str] = {}
+    reasons: dict[int, str] = {}
     sent: dict[int, int] = {nid: 0 for nid in requests}
 
     def fail(nid: int, reason: str) -> None:
-        replies[nid] = reason
+        # A node that trained keeps its reply metadata (ε spent, examples); the reason says
+        # at which stage it dropped out.
+        if isinstance(replies.get(nid), TrainReply):
+            reasons[nid] = reason
+        else:
+            replies[nid] = reason
         log.warning("secagg round %d: node %s: %s", req.round, nid, reason)
 
     def add_sizes(sizes: dict[int, int]) -> None:
@@ -128,7 +140,7 @@ def train_secure(grid: Grid, requests: dict[int, TrainRequest], *, timeout: floa
             replies[nid] = reply
         except (KeyError, TypeError, ValueError) as e:
             fail(nid, f"malformed advert: {e}")
-    result = SecureRoundResult(replies=replies, bytes_sent=sent)
+    result = SecureRoundResult(replies=replies, bytes_sent=sent, reasons=reasons)
     try:
         # Stage 2: broadcast U1's public keys; collect encrypted shares.
         share_req = server.share_keys_request(adverts)
@@ -173,7 +185,8 @@ def train_secure(grid: Grid, requests: dict[int, TrainRequest], *, timeout: floa
         for nid, content in got.items():
             if isinstance(content, str):
                 # Uploaded, then gone: its masked vector is still in the sum.
-                log.warning("secagg round %d: node %s: %s", req.round, nid, content)
+                log.warning("secagg round %d: node %s (aggregated): %s", req.round, nid,
+                            content)
                 continue
             unmask[nid] = unmask_reply_from(content.config_records["shares"])
         agg = server.aggregate(unmask)
