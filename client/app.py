@@ -53,12 +53,14 @@ def train_reply(msg: Message, context: Context, home: Path) -> TrainReply:
                                 data=simulated_node_data(request.config, pid))
 
 
-def register_secagg(app: ClientApp, home_of: Callable[[Context], Path]) -> None:
-    """SecAgg+ stage handlers (``train.secagg_*`` messages), see client/secagg.py."""
+def register_secagg(app: ClientApp, train: Callable[[Message, Context], TrainReply]) -> None:
+    """SecAgg+ stage handlers (``train.secagg_*`` messages) on ``app``, see client/secagg.py.
+    ``train`` runs the node's round and returns its *clear* reply, which never leaves the
+    node: a deployed node passes its own (NodeConfig-based) train function here."""
 
     @app.train(ADVERTISE)
     def secagg_advertise(msg: Message, context: Context) -> Message:
-        return secagg.advertise(msg, context, lambda m, c: train_reply(m, c, home_of(c)))
+        return secagg.advertise(msg, context, train)
 
     @app.train(SHARE_KEYS)
     def secagg_share_keys(msg: Message, context: Context) -> Message:
@@ -81,7 +83,7 @@ def make_client_app(home: Path, *, mods: list[Mod] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, home)
 
-    register_secagg(app, lambda _c: home)
+    register_secagg(app, lambda m, c: train_reply(m, c, home))
     return app
 
 
@@ -94,8 +96,9 @@ def train(msg: Message, context: Context) -> Message:
     return handle_train(msg, context, home)
 
 
-def _home_from_run_config(context: Context) -> Path:
-    return fedllm_home(str(context.run_config.get("fedllm-home", "") or "") or None)
+def _train_reply_run_config_home(msg: Message, context: Context) -> TrainReply:
+    home = fedllm_home(str(context.run_config.get("fedllm-home", "") or "") or None)
+    return train_reply(msg, context, home)
 
 
-register_secagg(app, _home_from_run_config)
+register_secagg(app, _train_reply_run_config_home)
