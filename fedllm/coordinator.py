@@ -293,12 +293,19 @@ class Coordinator:
             self.store.record_round(self.run_id, rnd, started_at=t0, num_nodes=0,
                                     metrics={}, nodes=rows)
             raise RunFailed(f"round {rnd}: {result.error or 'no secure aggregate'}")
+        # The clipped count is an aggregate too (summed under the masks): an audit event, not
+        # a utility metric (round metrics feed the dashboard's utility and bias pages).
+        dropped = sorted(r["node_id"] for r in rows if r.get("status") == "dropped")
+        self.store.add_event(self.run_id, "info", (
+            f"round {rnd}: securely aggregated {len(result.aggregated)} node(s), total weight "
+            f"{result.total_weight}, {result.clipped} coordinate(s) clipped"
+            + (f", dropped: {', '.join(dropped)}" if dropped else "")))
         if result.clipped:
             self._warn(f"round {rnd}: {result.clipped} update coordinate(s) were clipped to "
-                       f"±{self.config.secagg.clip:g} before secure aggregation")
+                       f"±{self.config.secagg.clip:g} before secure aggregation "
+                       "(raise secagg.clip)")
         loaded.load_adapter_state(new_state)
         metrics = evaluate(loaded, eval_ds)
-        metrics["secagg_clipped"] = float(result.clipped)
         self.store.record_round(self.run_id, rnd, started_at=t0,
                                 num_nodes=len(result.aggregated), metrics=metrics, nodes=rows)
         return new_state, RoundReport(rnd, metrics, rows, len(result.aggregated),

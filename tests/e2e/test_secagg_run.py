@@ -88,6 +88,9 @@ def test_rounds_complete_despite_a_node_killed_each_round(secagg_run):
     assert r2["num_nodes"] == 2
     status = {n["node_id"]: n["status"] for n in r2["nodes"]}
     assert status == {"node-0": "ok", "node-1": "dropped", "node-2": "ok"}
+    infos = [e["message"] for e in run["events"] if e["level"] == "info"]
+    assert any("round 2: securely aggregated 2 node(s), total weight 240, 0 coordinate(s) "
+               "clipped, dropped: node-1" in m for m in infos), infos
     reason = next(n["reason"] for n in r2["nodes"] if n["node_id"] == "node-1")
     assert "secagg_mask" in reason and "killed" in reason and len(reason) < 400
 
