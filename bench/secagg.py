@@ -35,8 +35,8 @@ from fedllm.secagg import NodeSession, RoundId, SecAggParams, ServerSession, unf
 from fedllm.train import DPParams, train_local
 from server.messages import reply_to_content, request_to_content
 from server.secagg import (
-    _mask_content,
     content_bytes,
+    mask_content,
     masked_content,
     unmask_reply_to,
 )
@@ -110,7 +110,7 @@ def secure_round(n: int, g0: dict[str, np.ndarray], cfg: object, rng: np.random.
     server_s += time.perf_counter() - ts
     gone = set(ids[:dropouts])  # shared keys, then vanished before uploading
     for nid in ids:
-        down[nid] += content_bytes(_mask_content(inbox[nid]))
+        down[nid] += content_bytes(mask_content(inbox[nid]))
         if nid in gone:
             continue
         t = time.perf_counter()

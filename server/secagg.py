@@ -163,7 +163,7 @@ def train_secure(grid: Grid, requests: dict[int, TrainRequest], *, timeout: floa
                            zip(rec["to"], rec["ct"], strict=True)}  # type: ignore[arg-type]
         # Stage 3: relay ciphertexts; collect masked vectors.
         inbox = server.route_shares(shares)
-        got, sizes = exchange(grid, {nid: _mask_content(m) for nid, m in inbox.items()}, MASK,
+        got, sizes = exchange(grid, {nid: mask_content(m) for nid, m in inbox.items()}, MASK,
                               timeout=sa.stage_timeout)
         add_sizes(sizes)
         for nid, content in got.items():
@@ -201,7 +201,7 @@ def train_secure(grid: Grid, requests: dict[int, TrainRequest], *, timeout: floa
     return result
 
 
-def _mask_content(m: MaskRequest) -> RecordDict:
+def mask_content(m: MaskRequest) -> RecordDict:
     return RecordDict({"inbox": ConfigRecord({
         "from": _ids([s for s, _ in m.ciphertexts]), "ct": [c for _, c in m.ciphertexts]})})
 
