@@ -50,6 +50,7 @@ from fedllm.protocol import (
     state_digest,
     unpack_state,
 )
+from fedllm.secagg import SecureRoundResult
 from fedllm.store import CENTRAL_LEDGER_ID, Store
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,12 @@ class Transport(Protocol):
     def train(self, requests: dict[int, TrainRequest], *, timeout: float,
               on_reply: Callable[[int], None]) -> dict[int, TrainReply | str]:
         """Send each request, return each node's reply or a failure reason (str)."""
+        ...
+
+    def train_secure(self, requests: dict[int, TrainRequest], *, timeout: float,
+                     on_reply: Callable[[int], None]) -> SecureRoundResult:
+        """Like :meth:`train`, through SecAgg+: per-node metadata and the unmasked weighted
+        mean of the updates only (fedllm/secagg.py)."""
         ...
 
 
@@ -406,6 +413,8 @@ class Coordinator:
         if self.observer:
             self.observer.round_started(rnd, len(chosen))
         request = TrainRequest(self.run_id, rnd, cfg, label_names, global_state)
+        if self.secure_aggregation:
+            return self._secure_attempt(rnd, transport, global_state, request, chosen)
         replies = transport.train(
             {nid: request for nid in chosen}, timeout=fed.round_timeout,
             on_reply=lambda _nid: self.observer.node_replied(rnd) if self.observer else None,
@@ -496,3 +505,85 @@ class Coordinator:
                    for r in range(1, rnd + 1)]
         self.store.record_ledger(self.run_id, CENTRAL_LEDGER_ID, kind="node", delta=c.delta,
                                  accountant=c.accountant, entries=entries)
+
+    # -- secure aggregation (SecAgg+): the coordinator only ever sees masked updates ---------
+
+    def _secure_attempt(self, rnd: int, transport: Transport, global_state: dict[str, np.ndarray],
+                        request: TrainRequest, chosen: list[int]) -> _Attempt:
+        """Per-update validation is impossible on masked data: nodes clip into the
+        quantisation range before masking, and the unmasked aggregate is validated here."""
+        fed = self.config.federation
+        result = transport.train_secure(
+            {nid: request for nid in chosen}, timeout=fed.round_timeout,
+            on_reply=lambda _nid: self.observer.node_replied(rnd) if self.observer else None,
+        ) if chosen else SecureRoundResult(replies={})
+        rows: list[dict[str, Any]] = []
+        audit: list[tuple[str, str, dict[str, Any]]] = []
+        ledgers: list[tuple[str, TrainReply]] = []
+        aggregated = set(result.aggregated)
+        for nid in chosen:
+            reply = result.replies.get(nid, "no reply before the round timeout")
+            if isinstance(reply, str):
+                rows.append({"node_id": f"flower-{nid}", "status": "failed", "reason": reply})
+                audit.append(("coordinator", "node_failed",
+                              {"round": rnd, "node": f"flower-{nid}", "reason": reply}))
+                continue
+            row = reply.record_fields()
+            row["update_bytes"] = result.bytes_sent.get(nid)  # masked vector + keys + shares
+            if reply.ledger:
+                ledgers.append((reply.node, reply))
+            self._note_limit(reply, rnd, audit)
+            if reply.status == STATUS_REFUSED:
+                audit.append((reply.node, "node_refused", {"round": rnd, "reason": reply.reason,
+                                                           "epsilon": row.get("epsilon")}))
+                if "budget exhausted" in reply.reason:
+                    self._exhausted[nid] = reply.node
+            elif reply.ok and nid not in aggregated:
+                row.update(status="dropped", reason=result.reasons.get(nid) or result.error
+                           or "dropped out of the secure aggregation round")
+                audit.append(("coordinator", "node_dropped",
+                              {"round": rnd, "node": reply.node, "reason": row["reason"]}))
+            rows.append(row)
+        new_state: dict[str, np.ndarray] | None = None
+        enough = len(aggregated) >= fed.min_nodes or self._central is not None
+        if result.mean is not None and enough:
+            try:
+                validate_update(result.mean, global_state)  # names, shapes, finite
+            except UpdateRejected as e:
+                result.error = f"unmasked aggregate rejected: {e}"
+            else:
+                if self._central is not None:
+                    # Nodes masked weight 1 each under central DP: mean · W is the plain sum
+                    # of their clipped deltas; add it to the reference as a single "update".
+                    total = {k: global_state[k].astype(np.float64)
+                             + result.mean[k].astype(np.float64) * result.total_weight
+                             for k in global_state}
+                    new_state = central_dp_average(
+                        [total], global_state, expected_nodes=self._central.expected_nodes,
+                        noise_std=self._central.noise_std,
+                        rng=np.random.default_rng(secrets.randbits(128)))
+                else:
+                    # The aggregate is the weighted mean *delta*; FedAvg of the nodes'
+                    # adapters is the global adapter plus it.
+                    new_state = {k: (global_state[k].astype(np.float64)
+                                     + result.mean[k]).astype(np.float32) for k in global_state}
+        elif self._central is not None and not chosen:
+            new_state = central_dp_average([], global_state,
+                                           expected_nodes=self._central.expected_nodes,
+                                           noise_std=self._central.noise_std,
+                                           rng=np.random.default_rng(secrets.randbits(128)))
+        if new_state is None and result.error:
+            rows.append({"node_id": "*secagg*", "status": "failed", "reason": result.error})
+        dropped = sorted(r["node_id"] for r in rows if r.get("status") == "dropped")
+        if chosen:
+            self.store.add_event(self.run_id, "info", (
+                f"round {rnd}: securely aggregated {len(aggregated)} node(s), total weight "
+                f"{result.total_weight}, {result.clipped} coordinate(s) clipped"
+                + (f", dropped: {', '.join(dropped)}" if dropped else "")))
+        if result.clipped:
+            self._warn(f"round {rnd}: {result.clipped} update coordinate(s) were clipped to "
+                       f"±{self.config.secagg.clip:g} before secure aggregation "
+                       "(raise secagg.clip)")
+        if new_state is not None and not all(np.isfinite(a).all() for a in new_state.values()):
+            raise RunFailed(f"round {rnd}: the aggregate is not finite")
+        return _Attempt(rows, new_state, len(aggregated), audit, ledgers)

@@ -18,8 +18,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedllm.config import RunConfig, load_config
 from fedllm.coordinator import Coordinator, RunInterrupted, RunObserver, RunSummary
 from fedllm.protocol import TrainReply, TrainRequest
+from fedllm.secagg import SecureRoundResult
 from fedllm.store import Store, default_db_path, fedllm_home, new_run_id
 from server.messages import content_to_reply, request_to_content
+from server.secagg import train_secure
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,10 @@ class GridTransport:
             out[nid] = f"no reply within the round timeout ({timeout:g} s)"
         return out
 
+    def train_secure(self, requests: dict[int, TrainRequest], *, timeout: float,
+                     on_reply: Callable[[int], None]) -> SecureRoundResult:
+        return train_secure(self.grid, requests, timeout=timeout, on_reply=on_reply)
+
 
 def coordinate(grid: Grid, config: RunConfig, *, home: Path, run_id: str,
                mode: str, secure_transport: bool, resume: bool = False,
@@ -86,7 +92,8 @@ def coordinate(grid: Grid, config: RunConfig, *, home: Path, run_id: str,
                should_stop: Callable[[], bool] | None = None) -> RunSummary:
     with Store(default_db_path(home)) as store:
         return Coordinator(config, store, run_id=run_id, home=home, mode=mode,
-                           secure_transport=secure_transport, resume=resume,
+                           secure_transport=secure_transport,
+                           secure_aggregation=config.secagg.enabled, resume=resume,
                            observer=observer, should_stop=should_stop,
                            ).run(GridTransport(grid, should_stop))
 

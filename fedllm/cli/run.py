@@ -119,6 +119,9 @@ def run(
     eval_text_column: Annotated[str | None, typer.Option(help="text column of eval data")] = None,
     max_examples: Annotated[int | None, typer.Option(help="read at most N training rows")] = None,
     seed: Annotated[int | None, typer.Option(help="run seed (public)")] = None,
+    secagg: Annotated[bool, typer.Option(
+        "--secagg", help="secure aggregation (SecAgg+): the coordinator sees masked "
+                         "updates only (secagg.enabled=true)")] = False,
     home: HomeOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Flower/Ray logs")] = False,
     as_json: JsonOpt = False,
@@ -150,6 +153,8 @@ def run(
         overrides.update({k: v for k, v in shortcuts.items() if v is not None})
         if no_dp:
             overrides.update({"privacy.enabled": False, "privacy.allow_no_dp": True})
+        if secagg:
+            overrides["secagg.enabled"] = True
         cfg = load_config(config, overrides)
     except ConfigError as e:
         raise err(str(e)) from None
@@ -165,7 +170,9 @@ def run(
     console.print(f"fedllm run [bold]{run_id}[/]: {cfg.federation.num_nodes} nodes, "
                   f"{cfg.federation.rounds} rounds, task {cfg.model.task}, "
                   + (f"DP target ε={cfg.privacy.target_epsilon:g} δ={cfg.privacy.delta:g} "
-                     f"({cfg.privacy.accountant})" if cfg.privacy.enabled else "DP OFF"))
+                     f"({cfg.privacy.accountant})" if cfg.privacy.enabled else "DP OFF")
+                  + (f", SecAgg+ (clip ±{cfg.secagg.clip:g}, {cfg.secagg.bits} bits)"
+                     if cfg.secagg.enabled else ""))
     from fedllm.coordinator import resolve_label_names
     from fedllm.node import check_simulation_data
 
