@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader
 from fedllm.data import Collator, TokenizedDataset
 from fedllm.model import LoadedModel
 
-
 Clipping = Literal["auto", "hooks", "ghost"]
 
 # Per-sample gradients (Opacus "hooks") hold one copy of every trainable tensor per example of a

@@ -95,9 +95,9 @@ def _clipped_sum(lm, ds, mode: str, max_grad_norm: float) -> dict[str, np.ndarra
     before = {n: p.detach().numpy().copy() for n, p in trainable.items()}
     lm.model.train()
     _train_dp(lm.model, ds, Collator(int(lm.tokenizer.pad_token_id)),
-              torch.optim.SGD(list(trainable.values()), lr=1.0), device=lm.device, task=lm.task, epochs=1,
-              batch_size=len(ds), physical_batch_size=3, dp=DPParams(0.0, max_grad_norm),
-              seed=0, grad_sample_mode=mode)
+              torch.optim.SGD(list(trainable.values()), lr=1.0), device=lm.device,
+              task=lm.task, epochs=1, batch_size=len(ds), physical_batch_size=3,
+              dp=DPParams(0.0, max_grad_norm), seed=0, grad_sample_mode=mode)
     lm.model.eval()
     after = {n: p.detach().numpy().copy() for n, p in trainable.items()}
     lm.load_adapter_state(state)
