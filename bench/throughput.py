@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench._common import finish, sst2_paths
+from bench._common import finish, set_threads, sst2_paths
 from fedllm.data import Collator, TokenizedDataset, encode_labels, read_table, tokenize
 from fedllm.model import load_model
 from fedllm.train import DPParams, example_losses, train_local
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=256, help="fedllm logical batch")
     ap.add_argument("--physical-batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, help="measure each variant this many times, keep best")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0 = 1 on an oversubscribed machine, else torch default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results-dir", help="where to append the JSON line (default bench/results)")
     args = ap.parse_args(argv)
@@ -126,8 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats or (1 if args.smoke or args.quick else 2)
     batch = min(args.batch_size, n)
     physical = min(args.physical_batch_size, batch)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     train_path, _ = sst2_paths()
     table = read_table(train_path, text_column="sentence", label_column="label")
