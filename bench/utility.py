@@ -28,7 +28,7 @@ import numpy as np
 
 from bench._common import finish, set_threads, sst2_paths
 from fedllm.aggregate import fedavg
-from fedllm.data import encode_labels, partition_indices, read_table, subset, tokenize
+from fedllm.data import encode_labels, partition_indices, read_table, tokenize
 from fedllm.evaluate import evaluate
 from fedllm.model import load_model, resolve_device
 from fedllm.privacy import calibrate_noise, compute_epsilon
@@ -36,6 +36,24 @@ from fedllm.train import DPParams, train_local
 
 LABELS = ("0", "1")
 DELTA = 1e-5
+
+
+def equal_size_dirichlet(labels: np.ndarray, nodes: int, per_node: int, *, alpha: float,
+                         seed: int) -> list[np.ndarray]:
+    """Disjoint index sets of ``per_node`` examples each; node i's label mix ~ Dir(alpha)."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    free = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
+    parts = []
+    for _ in range(nodes):
+        counts = rng.multinomial(per_node, rng.dirichlet(np.full(len(classes), alpha)))
+        idx: list[int] = []
+        for c, k in zip(classes, counts, strict=True):
+            take = min(int(k), len(free[c]))
+            idx += free[c][:take]
+            free[c] = free[c][take:]
+        parts.append(np.sort(np.asarray(idx, dtype=np.int64)))
+    return parts
 
 
 def _settings(epsilons: list[float]) -> list[tuple[str, float | None, bool]]:
@@ -134,13 +152,14 @@ def main(argv: list[str] | None = None) -> dict:
     train_path, dev_path = sst2_paths()
     table = read_table(train_path, text_column="sentence", label_column="label")
     labels = encode_labels(table, LABELS, "label")
-    rng = np.random.default_rng(a.seed)
     if a.examples_per_node:
-        pool = np.sort(rng.choice(len(table), size=min(len(table), a.nodes * a.examples_per_node),
-                                  replace=False))
-        table, labels = subset(table, pool), labels[pool]
-    parts = partition_indices(len(table), a.nodes, scheme="dirichlet", seed=a.seed,
-                              labels=labels, alpha=a.alpha)
+        # Fixed-size nodes: Dirichlet(α) label mix per node, then that many examples per class.
+        # (Dirichlet shares of one pooled sample gave 3 nodes of 5,363 / 16 / 3,621 examples.)
+        parts = equal_size_dirichlet(labels, a.nodes, a.examples_per_node, alpha=a.alpha,
+                                     seed=a.seed)
+    else:
+        parts = partition_indices(len(table), a.nodes, scheme="dirichlet", seed=a.seed,
+                                  labels=labels, alpha=a.alpha)
     dev_table = read_table(dev_path, text_column="content", label_column="label",
                            max_examples=a.eval_examples)
     lm = load_model(None, task="seq-cls", label_names=LABELS, seed=a.seed,
