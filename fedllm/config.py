@@ -136,6 +136,11 @@ class TrainConfig(_Frozen):
     learning_rate: float = Field(5e-3, gt=0, le=10)
     weight_decay: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Opacus per-sample clipping: "hooks" (per-sample gradients), "ghost" (ghost clipping: no
+    # per-sample gradients, a second backward pass) or "auto" (hooks while a physical batch of
+    # per-sample gradients is small, as for LoRA; see fedllm.train.choose_clipping). Speed and
+    # memory only: the clipped, noised update is the same.
+    clipping: Literal["auto", "hooks", "ghost"] = "auto"
 
 
 class PrivacyConfig(_Frozen):

@@ -333,7 +333,7 @@ class NodeRuntime:
             loaded, ds, epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size,
             physical_batch_size=cfg.train.physical_batch_size,
             learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
-            dp=dp, seed=seed,
+            dp=dp, seed=seed, clipping=cfg.train.clipping,
         )
         arrays = loaded.adapter_state()
         if cfg.central_dp.enabled:

@@ -16,6 +16,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -25,6 +26,14 @@ from torch.utils.data import DataLoader
 
 from fedllm.data import Collator, TokenizedDataset
 from fedllm.model import LoadedModel
+
+Clipping = Literal["auto", "hooks", "ghost"]
+
+# Per-sample gradients (Opacus "hooks") hold one copy of every trainable tensor per example of a
+# physical batch. Below this many bytes they are cheap (LoRA: r * (d_in + d_out) per layer) and
+# hooks win: ghost clipping avoids them but pays a second backward pass through the whole frozen
+# base, which costs about as much as the forward (bench/throughput.py measures both).
+GHOST_ABOVE_BYTES = 512 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,9 @@ class TrainResult:
     seconds: float
     # Opacus accountant history of this round: [(noise_multiplier, sample_rate, steps)]
     history: list[tuple[float, float, int]] = field(default_factory=list)
+    samples: int = 0  # examples processed (forward + backward) this round
+    tokens: int = 0  # non-padding tokens processed this round
+    clipping: str | None = None  # Opacus per-sample clipping mode used; None when DP is off
 
 
 def example_losses(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
@@ -73,6 +85,19 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def choose_clipping(model: nn.Module, *, physical_batch_size: int, mode: Clipping) -> str:
+    """The Opacus ``grad_sample_mode`` for this model: ``mode`` unless it is ``"auto"``.
+
+    auto: "hooks" while one physical batch of per-sample gradients fits in
+    :data:`GHOST_ABOVE_BYTES` (always the case for LoRA adapters), else "ghost" (large trainable
+    parts, e.g. a vocabulary-sized head, where per-sample gradients would not fit).
+    """
+    if mode != "auto":
+        return mode
+    per_sample = sum(p.numel() * p.element_size() for p in _trainable(model))
+    return "ghost" if per_sample * physical_batch_size > GHOST_ABOVE_BYTES else "hooks"
+
+
 def train_local(
     loaded: LoadedModel,
     dataset: TokenizedDataset,
@@ -84,10 +109,15 @@ def train_local(
     weight_decay: float = 0.0,
     dp: DPParams | None,
     seed: int,
+    clipping: Clipping = "auto",
 ) -> TrainResult:
     """Train the adapter of ``loaded.model`` in place on ``dataset``.
 
     ``dp=None`` trains without differential privacy (callers must have an explicit opt-out).
+    ``clipping`` picks Opacus' per-sample clipping ("hooks": per-sample gradients; "ghost":
+    ghost clipping, per-sample norms without materialising them; "auto": see
+    :func:`choose_clipping`). It changes speed and memory, never the maths: both clip each
+    example's gradient to ``max_grad_norm`` before noise.
     """
     model = loaded.model
     device = loaded.device
@@ -107,6 +137,8 @@ def train_local(
         result = _train_dp(
             model, dataset, collate, optimizer, device=device, task=loaded.task, epochs=epochs,
             batch_size=batch_size, physical_batch_size=physical_batch_size, dp=dp, seed=seed,
+            grad_sample_mode=choose_clipping(model, physical_batch_size=physical_batch_size,
+                                             mode=clipping),
         )
     model.eval()
     result.seconds = time.perf_counter() - t0
@@ -127,8 +159,10 @@ def _train_dp(
     physical_batch_size: int,
     dp: DPParams,
     seed: int,
+    grad_sample_mode: str,
 ) -> TrainResult:
     from opacus import PrivacyEngine
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
     generator = torch.Generator().manual_seed(seed)
     # batch_size here is the *expected* logical batch: Opacus turns this loader into Poisson
@@ -140,18 +174,22 @@ def _train_dp(
         # Opacus warns that secure_mode is off (documented in the module docstring).
         warnings.simplefilter("ignore", UserWarning)
         engine = PrivacyEngine(accountant=dp.accountant)
-        dp_model, dp_opt, dp_loader = engine.make_private(
+        private = engine.make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             poisson_sampling=True,
-            grad_sample_mode="hooks",
+            grad_sample_mode=grad_sample_mode,
         )
+    # Ghost mode also returns a wrapped criterion; fedllm computes its own per-example losses
+    # (example_losses) and wraps them directly, so that criterion is not used.
+    dp_model, dp_opt, dp_loader = private[0], private[1], private[-1]
+    ghost = grad_sample_mode == "ghost"
     sample_rate = 1.0 / len(loader)
     lengths = dataset.lengths()
-    loss_sum, loss_batches = 0.0, 0
+    loss_sum, loss_batches, samples, tokens = 0.0, 0, 0, 0
     try:
         with warnings.catch_warnings():
             # torch notes that Opacus' full backward hooks fire on modules whose inputs need no
@@ -175,12 +213,19 @@ def _train_dp(
                         batch = _to(collate([dataset[int(i)] for i in chunk]), device)
                         # Mean over the chunk; Opacus rescales per-example grads so the noisy sum is
                         # divided by the *expected* logical batch size, as DP-SGD prescribes.
-                        loss = example_losses(dp_model, batch, task).mean()
-                        loss.backward()
+                        losses = example_losses(dp_model, batch, task)
+                        if ghost:
+                            # Two backward passes: per-example norms, then the clipped sum.
+                            DPTensorFastGradientClipping(dp_model, dp_opt, losses,
+                                                         "mean").backward()
+                        else:
+                            losses.mean().backward()
                         dp_opt.step()
                         dp_opt.zero_grad(set_to_none=True)
-                        loss_sum += float(loss.detach())
+                        loss_sum += float(losses.detach().mean())
                         loss_batches += 1
+                        samples += len(chunk)
+                        tokens += int(lengths[chunk].sum())
         history = [(float(s), float(q), int(k)) for s, q, k in engine.accountant.history]
     finally:
         # Remove Opacus hooks and per-sample grad buffers so the same model object is reused
@@ -196,6 +241,9 @@ def _train_dp(
         mean_loss=loss_sum / max(loss_batches, 1),
         seconds=0.0,
         history=history,
+        samples=samples,
+        tokens=tokens,
+        clipping=grad_sample_mode,
     )
 
 
@@ -214,7 +262,7 @@ def _train_no_dp(
 ) -> TrainResult:
     generator = torch.Generator().manual_seed(seed)
     n = len(dataset)
-    steps, loss_sum, loss_batches = 0, 0.0, 0
+    steps, loss_sum, loss_batches, tokens = 0, 0.0, 0, 0
     lengths = dataset.lengths()
     for _ in range(epochs):
         perm = torch.randperm(n, generator=generator).numpy()
@@ -228,6 +276,7 @@ def _train_no_dp(
                 (loss * (len(chunk) / len(logical))).backward()
                 loss_sum += float(loss.detach())
                 loss_batches += 1
+                tokens += int(lengths[chunk].sum())
             optimizer.step()
             steps += 1
     return TrainResult(
@@ -237,4 +286,6 @@ def _train_no_dp(
         noise_multiplier=None,
         mean_loss=loss_sum / max(loss_batches, 1),
         seconds=0.0,
+        samples=epochs * n,
+        tokens=tokens,
     )

@@ -80,3 +80,111 @@ def test_causal_lm_dp_step(tiny_causal_lm):
     r = train_local(lm, ds, epochs=1, batch_size=10, physical_batch_size=5, learning_rate=1e-2,
                     dp=DPParams(1.0, 1.0), seed=0)
     assert r.steps == 4 and np.isfinite(r.mean_loss)
+
+
+def _clipped_sum(lm, ds, mode: str, max_grad_norm: float) -> dict[str, np.ndarray]:
+    """Σ_i clip(g_i) over all examples via the private loop with σ = 0 and SGD(lr=1): with q = 1
+    every example is drawn, and the step moves the adapter by -Σ clip(g_i) / N."""
+    import torch
+
+    from fedllm.data import Collator
+    from fedllm.train import _train_dp
+
+    state = lm.adapter_state()
+    trainable = {n: p for n, p in lm.model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().numpy().copy() for n, p in trainable.items()}
+    lm.model.train()
+    _train_dp(lm.model, ds, Collator(int(lm.tokenizer.pad_token_id)),
+              torch.optim.SGD(list(trainable.values()), lr=1.0), device=lm.device,
+              task=lm.task, epochs=1, batch_size=len(ds), physical_batch_size=3,
+              dp=DPParams(0.0, max_grad_norm), seed=0, grad_sample_mode=mode)
+    lm.model.eval()
+    after = {n: p.detach().numpy().copy() for n, p in trainable.items()}
+    lm.load_adapter_state(state)
+    return {k: (before[k] - after[k]) * len(ds) for k in before}
+
+
+def _manual_clipped_sum(lm, ds, max_grad_norm: float) -> dict[str, np.ndarray]:
+    """The definition, one example at a time, no Opacus: Σ_i g_i · min(1, C / ‖g_i‖)."""
+    import torch
+
+    from fedllm.data import Collator
+    from fedllm.train import example_losses
+
+    collate = Collator(int(lm.tokenizer.pad_token_id))
+    names = {id(p): n for n, p in lm.model.named_parameters() if p.requires_grad}
+    total: dict[str, torch.Tensor] = {}
+    lm.model.train()
+    for i in range(len(ds)):
+        lm.model.zero_grad(set_to_none=True)
+        example_losses(lm.model, collate([ds[i]]), lm.task).sum().backward()
+        grads = {names[id(p)]: p.grad.detach().clone()
+                 for p in lm.model.parameters() if p.requires_grad}
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
+        scale = min(1.0, max_grad_norm / (float(norm) + 1e-6))
+        for n, g in grads.items():
+            total[n] = total.get(n, 0) + g * scale
+    lm.model.zero_grad(set_to_none=True)
+    lm.model.eval()
+    return {n: g.numpy() for n, g in total.items()}
+
+
+PINNED_HEAD_L1 = 0.69445
+
+
+def test_ghost_and_hooks_clip_the_same(setup):
+    """Both Opacus modes give Σ_i clip(g_i), equal to the one-example-at-a-time definition, on
+    8 examples in physical chunks of 3 (accumulation across chunks included)."""
+    from torch import nn
+
+    lm, ds_all = setup
+    ds = type(ds_all)(ds_all.input_ids[:8], ds_all.labels[:8])
+    drop = [(m, m.p) for m in lm.model.modules() if isinstance(m, nn.Dropout)]
+    for m, _ in drop:
+        m.p = 0.0  # deterministic forward, so three methods see the same gradients
+    try:
+        # A small bound so clipping is active for every example (the norms are ~0.1 to 1).
+        hooks = _clipped_sum(lm, ds, "hooks", 0.01)
+        ghost = _clipped_sum(lm, ds, "ghost", 0.01)
+        manual = _manual_clipped_sum(lm, ds, 0.01)
+    finally:
+        for m, p in drop:
+            m.p = p
+    assert set(hooks) == set(ghost)
+    head = [k for k in hooks if "head" in k and k.endswith("weight")][0]
+    # Each clipped gradient has norm ≤ C, so the sum over 8 examples has norm ≤ 8 C.
+    total_norm = math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in hooks.values()))
+    assert 0.0 < total_norm <= 8 * 0.01 + 1e-6
+    for k in hooks:
+        np.testing.assert_allclose(ghost[k], hooks[k], atol=1e-6, rtol=1e-3)
+    assert set(manual) == set(hooks)
+    for k in hooks:
+        np.testing.assert_allclose(hooks[k], manual[k], atol=1e-6, rtol=1e-3)
+    # Pinned: the head's clipped-gradient sum (model seed 0, first 8 demo examples, C = 0.01).
+    assert float(np.abs(hooks[head]).sum()) == pytest.approx(PINNED_HEAD_L1, rel=1e-3)
+
+
+def test_auto_clipping_picks_hooks_for_lora_and_ghost_for_huge_trainables(setup):
+    from torch import nn
+
+    from fedllm.train import GHOST_ABOVE_BYTES, choose_clipping
+
+    lm, _ = setup
+    assert choose_clipping(lm.model, physical_batch_size=64, mode="auto") == "hooks"
+    assert choose_clipping(lm.model, physical_batch_size=64, mode="ghost") == "ghost"
+    big = nn.Linear(1024, GHOST_ABOVE_BYTES // (4 * 1024 * 8) + 1)  # > budget at batch 8
+    assert choose_clipping(big, physical_batch_size=8, mode="auto") == "ghost"
+    assert choose_clipping(big, physical_batch_size=1, mode="auto") == "hooks"
+
+
+def test_dp_round_counts_samples_and_tokens(setup):
+    lm, ds = setup
+    before = lm.adapter_state()
+    r = train_local(lm, ds, epochs=1, batch_size=40, physical_batch_size=16, learning_rate=1e-2,
+                    dp=DPParams(noise_multiplier=1.0, max_grad_norm=1.0), seed=3,
+                    clipping="ghost")
+    lm.load_adapter_state(before)
+    assert r.clipping == "ghost"
+    # Poisson sampling: about N examples in expectation; each has ≥ 3 tokens ([CLS] w [SEP])
+    assert 60 < r.samples < 180 and r.tokens >= 3 * r.samples
+    assert not any(hasattr(p, "grad_sample") for p in lm.model.parameters())

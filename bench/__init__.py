@@ -1,0 +1,1 @@
+"""fedllm benchmarks: each script prints one JSON object and appends it to bench/results/."""

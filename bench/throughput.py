@@ -1,0 +1,213 @@
+"""Local training throughput of DP-LoRA on the bundled MiniLM with SST-2 text lengths.
+
+Variants, measured in one process on the same examples (so machine load cancels out of the
+ratios): fedllm without DP, fedllm with Opacus DP (per-sample gradients via hooks), fedllm with
+Opacus ghost clipping, and the common example setup as reference (every batch padded to
+max_len 64, batch 32, a fresh model and PrivacyEngine per round). Plus this machine's fp32
+matmul ceiling and the model's training FLOPs per token, giving the fraction of the ceiling
+reached without DP.
+
+    python -m bench.throughput [--quick | --smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench._common import finish, set_threads, sst2_paths
+from fedllm.data import Collator, TokenizedDataset, encode_labels, read_table, tokenize
+from fedllm.model import load_model
+from fedllm.train import DPParams, example_losses, train_local
+
+LABELS = ("0", "1")
+
+
+def matmul_ceiling_gflops(size: int = 2048, seconds: float = 2.0) -> float:
+    """Best fp32 GFLOP/s of a large square matmul on this machine (torch's current threads)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm-up: thread pool, caches
+    best = 0.0
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def train_flops_per_token(lm: Any, ds: TokenizedDataset, physical: int) -> float:
+    """FLOPs of one no-DP forward + backward per *non-padding* token, counted by torch's
+    FlopCounterMode on length-sorted physical batches (so padding shows up as waste)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    collate = Collator(int(lm.tokenizer.pad_token_id))
+    # A length-sorted sample of the data, cut into physical batches as train_local does.
+    order = np.argsort(ds.lengths(), kind="stable")
+    order = order[:: max(1, len(ds) // (4 * physical))][: 4 * physical]
+    lm.model.train()
+    counter = FlopCounterMode(display=False)
+    tokens = 0
+    with counter:
+        for chunk in np.array_split(order, 4):
+            batch = collate([ds[int(i)] for i in chunk])
+            example_losses(lm.model, batch, lm.task).mean().backward()
+            tokens += int(batch["attention_mask"].sum())
+    lm.model.zero_grad(set_to_none=True)
+    lm.model.eval()
+    return counter.get_total_flops() / tokens
+
+
+def run_reference(texts: list[str], labels: np.ndarray, *, rounds: int, seed: int) -> dict:
+    """The common Flower + Opacus example: each round builds a fresh HF
+    AutoModelForSequenceClassification + LoRA and a fresh PrivacyEngine, pads every batch to
+    max_length 64, logical = physical batch 32, DP via hooks. Time includes the rebuilds."""
+    from opacus import PrivacyEngine
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import DataLoader, TensorDataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedllm.model import default_model_path
+
+    path = default_model_path()
+    samples, tokens = 0, 0
+    t0 = time.perf_counter()
+    for r in range(rounds):
+        torch.manual_seed(seed + r)
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, task_type="SEQ_CLS"))
+        enc = tok(texts, truncation=True, max_length=64, padding="max_length",
+                  return_tensors="pt")
+        data = TensorDataset(enc["input_ids"], enc["attention_mask"], torch.as_tensor(labels))
+        loader = DataLoader(data, batch_size=32, shuffle=True)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
+        model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine = PrivacyEngine()
+            model, opt, loader = engine.make_private(
+                module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
+                max_grad_norm=1.0)
+            for ids, mask, y in loader:
+                if len(y) == 0:
+                    continue
+                opt.zero_grad()
+                out = model(input_ids=ids, attention_mask=mask)
+                torch.nn.functional.cross_entropy(out.logits, y).backward()
+                opt.step()
+                samples += len(y)
+                tokens += int(mask.sum())
+        model._close()
+    seconds = time.perf_counter() - t0
+    return {"samples": samples, "tokens": tokens, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="≈ 1 minute on 2 CPU cores")
+    size.add_argument("--smoke", action="store_true", help="seconds; checks that it runs")
+    ap.add_argument("--examples", type=int, help="SST-2 training examples per variant")
+    ap.add_argument("--batch-size", type=int, default=256, help="fedllm logical batch")
+    ap.add_argument("--physical-batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, help="measure each variant this many times, keep best")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0 = 1 on an oversubscribed machine, else torch default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results-dir", help="where to append the JSON line (default bench/results)")
+    args = ap.parse_args(argv)
+    n = args.examples or (96 if args.smoke else 384 if args.quick else 2048)
+    repeats = args.repeats or (1 if args.smoke or args.quick else 2)
+    batch = min(args.batch_size, n)
+    physical = min(args.physical_batch_size, batch)
+    set_threads(args.threads)
+
+    train_path, _ = sst2_paths()
+    table = read_table(train_path, text_column="sentence", label_column="label")
+    rng = np.random.default_rng(args.seed)
+    pick = rng.choice(len(table), size=min(n, len(table)), replace=False)
+    texts = [table.texts[i] for i in pick]
+    labels = encode_labels(table, LABELS, "label")[pick]
+
+    t_load = time.perf_counter()
+    lm = load_model(None, task="seq-cls", label_names=LABELS, seed=args.seed)
+    load_seconds = time.perf_counter() - t_load
+    ds = tokenize(lm.tokenizer, texts, labels, max_length=128)
+    lengths = ds.lengths()
+    initial = lm.adapter_state()
+
+    # Warm-up (lazy inits, allocator) on a few examples, not timed.
+    warm = TokenizedDataset(ds.input_ids[:physical], labels[:physical])
+    train_local(lm, warm, epochs=1, batch_size=physical, physical_batch_size=physical,
+                learning_rate=1e-3, dp=DPParams(1.0, 1.0), seed=0, clipping="hooks")
+    lm.load_adapter_state(initial)
+
+    variants: dict[str, dict[str, Any]] = {
+        "no_dp": {"dp": None, "clipping": "auto"},
+        "dp_hooks": {"dp": DPParams(1.0, 1.0), "clipping": "hooks"},
+        "dp_ghost": {"dp": DPParams(1.0, 1.0), "clipping": "ghost"},
+    }
+    best: dict[str, dict[str, float]] = {}
+    for rep in range(repeats):
+        for name, v in variants.items():
+            lm.load_adapter_state(initial)
+            r = train_local(lm, ds, epochs=1, batch_size=batch, physical_batch_size=physical,
+                            learning_rate=1e-3, dp=v["dp"], seed=args.seed + rep,
+                            clipping=v["clipping"])
+            sps, tps = r.samples / r.seconds, r.tokens / r.seconds
+            if name not in best or sps > best[name]["samples_per_s"]:
+                best[name] = {"samples_per_s": sps, "tokens_per_s": tps, "seconds": r.seconds,
+                              "samples": r.samples}
+    ref_rounds = 1
+    ref = run_reference(texts, labels, rounds=ref_rounds, seed=args.seed)
+    best["reference"] = {"samples_per_s": ref["samples"] / ref["seconds"],
+                         "tokens_per_s": ref["tokens"] / ref["seconds"],
+                         "seconds": ref["seconds"], "samples": ref["samples"]}
+
+    flops_tok = train_flops_per_token(lm, ds, physical)
+    ceiling = matmul_ceiling_gflops(seconds=0.5 if args.smoke else 2.0)
+    no_dp_gflops = best["no_dp"]["tokens_per_s"] * flops_tok / 1e9
+    best_dp = max(("dp_hooks", "dp_ghost"), key=lambda k: best[k]["samples_per_s"])
+    result = {
+        "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+        "config": {"examples": len(ds), "batch_size": batch, "physical_batch_size": physical,
+                   "max_length": 128, "repeats": repeats, "noise_multiplier": 1.0,
+                   "max_grad_norm": 1.0, "lora_r": 8, "data": str(train_path),
+                   "mean_tokens": float(lengths.mean()), "max_tokens": int(lengths.max()),
+                   "reference": {"max_length": 64, "batch_size": 32, "rounds": ref_rounds,
+                                 "fresh_model_per_round": True, "grad_sample_mode": "hooks"}},
+        "samples_per_s": {k: round(v["samples_per_s"], 2) for k, v in best.items()},
+        "tokens_per_s": {k: round(v["tokens_per_s"], 1) for k, v in best.items()},
+        "seconds": {k: round(v["seconds"], 2) for k, v in best.items()},
+        "best_dp_variant": best_dp,
+        "dp_vs_nodp_ratio": round(best[best_dp]["samples_per_s"]
+                                  / best["no_dp"]["samples_per_s"], 3),
+        "vs_reference": round(best["no_dp"]["samples_per_s"]
+                              / best["reference"]["samples_per_s"], 2),
+        "dp_vs_reference": round(best[best_dp]["samples_per_s"]
+                                 / best["reference"]["samples_per_s"], 2),
+        "ghost_vs_hooks": round(best["dp_ghost"]["samples_per_s"]
+                                / best["dp_hooks"]["samples_per_s"], 3),
+        "matmul_ceiling_gflops": round(ceiling, 1),
+        "train_flops_per_token": round(flops_tok),
+        "no_dp_gflops": round(no_dp_gflops, 2),
+        "ceiling_fraction": round(no_dp_gflops / ceiling, 3),
+        "model_load_seconds": round(load_seconds, 2),
+    }
+    if not all(math.isfinite(v) for v in result["samples_per_s"].values()):
+        raise SystemExit("non-finite throughput")
+    from pathlib import Path
+
+    return finish("throughput", result,
+                  out_dir=Path(args.results_dir) if args.results_dir else None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Utility on SST-2: centralised LoRA vs federated LoRA vs federated DP-LoRA at ε = 8, 3, 1.
+
+Train split partitioned over nodes by label with Dirichlet(α = 0.5); accuracy on the dev split.
+Every setting gets the same total compute (the same number of passes over the same examples):
+centralised trains ``rounds × local_epochs`` epochs on the pooled data, federated settings run
+``rounds`` rounds in which every node trains ``local_epochs`` epochs on its share and the
+coordinator FedAvg-weights the adapters by examples. DP: each node's noise multiplier is
+calibrated once for the whole run (all rounds × local steps at its own sampling rate q = B / N_i)
+to reach the target ε at δ = 1e-5 after the last round (fedllm.privacy.calibrate_noise), and the
+spent ε is recomputed from the node's history (fedllm.privacy.compute_epsilon).
+
+The federation is simulated in-process with fedllm's own stages (train_local, fedavg, evaluate):
+this benchmark measures learning, not transport (see bench/scale.py for the Flower simulation).
+
+    python -m bench.utility --quick       # 3 nodes x 3,000 examples, CPU-sized
+    python -m bench.utility               # full train split over 10 nodes (GPU)
+    python -m bench.utility --smoke       # seconds; checks that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench._common import finish, set_threads, sst2_paths
+from fedllm.aggregate import fedavg
+from fedllm.data import encode_labels, partition_indices, read_table, tokenize
+from fedllm.evaluate import evaluate
+from fedllm.model import load_model, resolve_device
+from fedllm.privacy import calibrate_noise, compute_epsilon
+from fedllm.train import DPParams, train_local
+
+LABELS = ("0", "1")
+DELTA = 1e-5
+
+
+def equal_size_dirichlet(labels: np.ndarray, nodes: int, per_node: int, *, alpha: float,
+                         seed: int) -> list[np.ndarray]:
+    """Disjoint index sets of ``per_node`` examples each; node i's label mix ~ Dir(alpha)."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    free = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
+    parts = []
+    for _ in range(nodes):
+        counts = rng.multinomial(per_node, rng.dirichlet(np.full(len(classes), alpha)))
+        idx: list[int] = []
+        for c, k in zip(classes, counts, strict=True):
+            take = min(int(k), len(free[c]))
+            idx += free[c][:take]
+            free[c] = free[c][take:]
+        parts.append(np.sort(np.asarray(idx, dtype=np.int64)))
+    return parts
+
+
+def _settings(epsilons: list[float]) -> list[tuple[str, float | None, bool]]:
+    """(name, ε or None, federated)."""
+    return ([("centralised", None, False), ("federated", None, True)]
+            + [(f"federated_dp_eps{e:g}", e, True) for e in epsilons])
+
+
+def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | None,
+                federated: bool, a: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """Train from the same initial adapter; returns dev metrics, ε and timing."""
+    lm.load_adapter_state(initial)
+    t0 = time.perf_counter()
+    lr = a.dp_lr if eps is not None else a.lr
+    if not federated:
+        from fedllm.data import TokenizedDataset
+
+        pooled = TokenizedDataset([x for d in nodes for x in d.input_ids],
+                                  np.concatenate([d.labels for d in nodes]))
+        r = train_local(lm, pooled, epochs=a.rounds * a.local_epochs, batch_size=a.batch_size,
+                        physical_batch_size=a.physical_batch_size, learning_rate=lr, dp=None,
+                        seed=seed)
+        out: dict[str, Any] = {"steps": r.steps, "samples": r.samples}
+    else:
+        sigmas, histories = [], [[] for _ in nodes]
+        batch = a.dp_batch_size if eps is not None else a.batch_size
+        for rnd in range(a.rounds):
+            global_state = lm.adapter_state()
+            updates = []
+            for i, ds in enumerate(nodes):
+                lm.load_adapter_state(global_state)
+                dp = None
+                if eps is not None:
+                    steps_per_epoch = int(np.ceil(len(ds) / batch))
+                    sigma = calibrate_noise(target_epsilon=eps, delta=DELTA,
+                                            sample_rate=1.0 / steps_per_epoch,
+                                            steps=a.rounds * a.local_epochs * steps_per_epoch,
+                                            accountant="prv")
+                    if rnd == 0:
+                        sigmas.append(sigma)
+                    dp = DPParams(noise_multiplier=sigma, max_grad_norm=a.max_grad_norm)
+                r = train_local(lm, ds, epochs=a.local_epochs, batch_size=min(batch, len(ds)),
+                                physical_batch_size=a.physical_batch_size, learning_rate=lr,
+                                dp=dp, seed=seed + 1000 * rnd + i)
+                histories[i].extend(r.history)
+                updates.append((lm.adapter_state(), float(len(ds))))
+            lm.load_adapter_state(fedavg(updates))
+        out = {"noise_multipliers": [round(s, 4) for s in sigmas]}
+        if eps is not None:
+            out["epsilon_spent"] = [round(compute_epsilon(h, delta=DELTA, accountant="prv"), 3)
+                                    for h in histories]
+    metrics = evaluate(lm, dev)
+    out.update(accuracy=round(metrics["accuracy"], 4), f1_macro=round(metrics["f1_macro"], 4),
+               seconds=round(time.perf_counter() - t0, 1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="3 nodes x 3,000 examples")
+    size.add_argument("--smoke", action="store_true", help="3 nodes x 64 examples, 1 round")
+    ap.add_argument("--nodes", type=int)
+    ap.add_argument("--examples-per-node", type=int, help="0 = the whole train split")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--local-epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=64, help="non-private logical batch")
+    ap.add_argument("--dp-batch-size", type=int, default=1024,
+                    help="DP logical batch (expected; Poisson rate q = B / N_node)")
+    ap.add_argument("--physical-batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3, help="non-private AdamW learning rate")
+    ap.add_argument("--dp-lr", type=float, default=1e-2, help="DP AdamW learning rate")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--epsilons", default="8,3,1")
+    ap.add_argument("--settings", help="comma list of setting names to run (default: all)")
+    ap.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew")
+    ap.add_argument("--eval-examples", type=int, default=0, help="0 = the whole dev split")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0 = 1 on an oversubscribed machine, else torch default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results-dir")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.nodes, a.examples_per_node, a.rounds = a.nodes or 3, a.examples_per_node or 64, 1
+        a.dp_batch_size, a.batch_size, a.physical_batch_size = 32, 32, 32
+        a.eval_examples = a.eval_examples or 64
+    elif a.quick:
+        a.nodes, a.examples_per_node = a.nodes or 3, a.examples_per_node or 3000
+    else:
+        a.nodes = a.nodes or 10
+        a.examples_per_node = a.examples_per_node if a.examples_per_node is not None else 0
+
+    set_threads(a.threads)
+    train_path, dev_path = sst2_paths()
+    table = read_table(train_path, text_column="sentence", label_column="label")
+    labels = encode_labels(table, LABELS, "label")
+    if a.examples_per_node:
+        # Fixed-size nodes: Dirichlet(α) label mix per node, then that many examples per class.
+        # (Dirichlet shares of one pooled sample gave 3 nodes of 5,363 / 16 / 3,621 examples.)
+        parts = equal_size_dirichlet(labels, a.nodes, a.examples_per_node, alpha=a.alpha,
+                                     seed=a.seed)
+    else:
+        parts = partition_indices(len(table), a.nodes, scheme="dirichlet", seed=a.seed,
+                                  labels=labels, alpha=a.alpha)
+    dev_table = read_table(dev_path, text_column="content", label_column="label",
+                           max_examples=a.eval_examples)
+    lm = load_model(None, task="seq-cls", label_names=LABELS, seed=a.seed,
+                    device=resolve_device(a.device))
+    nodes = [tokenize(lm.tokenizer, [table.texts[i] for i in p], labels[p],
+                      max_length=a.max_length) for p in parts]
+    dev = tokenize(lm.tokenizer, dev_table.texts,
+                   encode_labels(dev_table, LABELS, "label"), max_length=128)
+    initial = lm.adapter_state()
+    eps_list = [float(x) for x in a.epsilons.split(",") if x]
+    wanted = set(a.settings.split(",")) if a.settings else None
+    results: dict[str, Any] = {"initial": {"accuracy": round(evaluate(lm, dev)["accuracy"], 4)}}
+    for name, eps, federated in _settings(eps_list):
+        if wanted and name not in wanted:
+            continue
+        results[name] = run_setting(lm, initial, nodes, dev, eps=eps, federated=federated, a=a,
+                                    seed=a.seed)
+        print(f"{name}: {results[name]}", flush=True)
+    acc = {k: v["accuracy"] for k, v in results.items()}
+    gaps: dict[str, float] = {}
+    if "centralised" in acc and "federated" in acc:
+        gaps["centralised_minus_federated"] = round(100 * (acc["centralised"] - acc["federated"]),
+                                                    2)
+    if "federated" in acc and "federated_dp_eps8" in acc:
+        gaps["federated_minus_dp_eps8"] = round(100 * (acc["federated"]
+                                                       - acc["federated_dp_eps8"]), 2)
+    result = {
+        "mode": "smoke" if a.smoke else "quick" if a.quick else "full",
+        "config": {k: v for k, v in vars(a).items() if k not in ("results_dir",)}
+        | {"data": str(train_path), "eval": str(dev_path), "delta": DELTA,
+           "node_sizes": [len(d) for d in nodes], "dev_size": len(dev),
+           "node_label1_share": [round(float(np.mean(d.labels)), 3) for d in nodes],
+           "optimizer": "AdamW", "accountant": "prv", "lora_r": 8, "clipping": "auto"},
+        "accuracy": acc,
+        "gaps_points": gaps,
+        "settings": results,
+    }
+    return finish("utility", result, out_dir=Path(a.results_dir) if a.results_dir else None)
+
+
+if __name__ == "__main__":
+    main()

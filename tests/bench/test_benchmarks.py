@@ -1,0 +1,74 @@
+"""Each benchmark runs at its smallest size, prints JSON and appends a row with the required keys.
+
+Results go to a temporary folder (``--results-dir``), not to bench/results/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def run_bench(name: str, args: list[str], tmp_path: Path, timeout: float = 900) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", f"bench.{name}", *args,
+                           "--results-dir", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = (tmp_path / f"{name}.jsonl").read_text().splitlines()
+    assert len(rows) == 1
+    row = json.loads(rows[0])
+    assert f'"benchmark": "{name}"' in proc.stdout  # the same JSON is printed
+    for key in ("cpu_count", "torch", "torch_threads", "git_commit"):
+        assert key in row["machine"]
+    assert row["config"]
+    return row
+
+
+def test_communication_quick(tmp_path):
+    row = run_bench("communication", ["--quick"], tmp_path)
+    # r = 8 LoRA on query/value of 6 layers (6 * 2 * 8 * (384 + 384)) + head (384 * 2 + 2)
+    assert row["per_rank"][0]["adapter_params"] == 6 * 2 * 8 * (384 + 384) + 384 * 2 + 2
+    assert row["adapter_bytes"] == 4 * row["per_rank"][0]["adapter_params"]
+    assert row["adapter_fraction"] < 0.01 and row["meets_target"]
+    # the wire carries the tensors plus names and the plan: a little more than the raw bytes
+    r = row["per_rank"][0]
+    assert r["adapter_bytes"] < r["reply_wire_bytes"] < 1.1 * r["adapter_bytes"]
+
+
+@pytest.mark.slow
+def test_throughput_smoke(tmp_path):
+    row = run_bench("throughput", ["--smoke"], tmp_path)
+    assert set(row["samples_per_s"]) == {"no_dp", "dp_hooks", "dp_ghost", "reference"}
+    assert all(v > 0 for v in row["samples_per_s"].values())
+    for key in ("dp_vs_nodp_ratio", "ceiling_fraction", "vs_reference"):
+        assert row[key] > 0
+    # fedllm counts only real tokens: ~13 per SST-2 phrase, far below the reference's 64
+    assert row["tokens_per_s"]["no_dp"] / row["samples_per_s"]["no_dp"] < 30
+
+
+@pytest.mark.slow
+def test_scale_smoke(tmp_path):
+    row = run_bench("scale", ["--smoke"], tmp_path)
+    assert row["state"] == "finished" and row["failures"] == 0
+    assert len(row["rss_mb_per_round"]) == len(row["round_seconds"]) == 4
+    assert all(v > 0 for v in row["rss_mb_per_round"])
+
+
+@pytest.mark.slow
+def test_utility_smoke(tmp_path):
+    row = run_bench("utility", ["--smoke"], tmp_path)
+    assert set(row["accuracy"]) == {"initial", "centralised", "federated",
+                                    "federated_dp_eps8", "federated_dp_eps3",
+                                    "federated_dp_eps1"}
+    for eps in (8, 3, 1):
+        spent = row["settings"][f"federated_dp_eps{eps}"]["epsilon_spent"]
+        # whole-run calibration: each node ends at (just under) its target
+        assert all(0.9 * eps <= e <= eps * 1.01 for e in spent), spent
