@@ -58,6 +58,10 @@ class NodeIdentity:
     state_dir: Path  # the node's own persistent state: privacy ledger, secret
     # The operator's ε limit. It wins over the coordinator's plan; None = use the plan's.
     epsilon_limit: float | None = None
+    # Deployments: the operator's largest acceptable δ and DP-off opt-in (node.toml [privacy]);
+    # None = simulation, where the run's own privacy settings apply.
+    max_delta: float | None = None
+    allow_no_dp: bool | None = None
 
 
 def simulated_node_data(config: RunConfig, partition_id: int) -> NodeDataSpec:

@@ -9,7 +9,9 @@ import sys
 
 from rich.console import Console
 
-from fedllm.cli import run, runs  # noqa: F401  (registers commands, in this order)
+# Registers commands, in this order (deploy: certs, coordinator, node start/register).
+from fedllm.cli import run, runs  # noqa: F401  # isort: skip
+from fedllm.cli import deploy  # noqa: F401  # isort: skip
 from fedllm.cli.common import USER_ERRORS, app
 
 

@@ -61,14 +61,19 @@ class ConsoleObserver:
 
 
 def _print_summary(console: Console, summary: RunSummary, store: Store, dp: bool) -> None:
-    run = store.get_run(summary.run_id)
+    print_stored_summary(console, store.get_run(summary.run_id), summary.db_path)
+
+
+def print_stored_summary(console: Console, run: dict[str, Any], db_path: str | Path) -> None:
+    """The end-of-run summary, from the run's record in the store (simulation or deployment)."""
+    dp = bool(run["dp_enabled"])
     final = run["rounds"][-1]["metrics"] if run["rounds"] else {}
     latest: dict[str, dict[str, Any]] = {}
     for r in run["rounds"]:
         for n in r["nodes"]:
             latest[n["node_id"]] = n
     console.print()
-    console.rule(f"[bold]run {summary.run_id} finished")
+    console.rule(f"[bold]run {run['run_id']} finished")
     console.print("final metrics: " + ", ".join(f"{k}={fmt(v)}" for k, v in sorted(final.items())))
     t = Table(title="privacy spent per node" if dp else "nodes (DP OFF)")
     for col in ("node", "examples", "ε (cumulative)", "δ", "noise σ", "last status"):
@@ -80,12 +85,16 @@ def _print_summary(console: Console, summary: RunSummary, store: Store, dp: bool
     console.print(t)
     if not dp:
         console.print("[bold red]WARNING: differential privacy was OFF for this run.[/]")
-    ratio = summary.adapter_bytes / summary.model_bytes if summary.model_bytes else 0
-    console.print(f"update size: {summary.adapter_bytes:,} bytes per node per round "
-                  f"({ratio:.2%} of the full model's {summary.model_bytes:,} bytes)")
-    console.print(f"adapter:   {summary.adapter_path}")
-    console.print(f"run store: {summary.db_path}")
-    console.print(f"details:   fedllm status {summary.run_id}")
+    if run.get("mode") == "deployment":
+        console.print("transport: " + ("TLS" if run.get("secure_transport") else
+                                       "[bold red]INSECURE (no TLS)[/]"))
+    adapter_bytes, model_bytes = run.get("adapter_bytes") or 0, run.get("model_bytes") or 0
+    ratio = adapter_bytes / model_bytes if model_bytes else 0
+    console.print(f"update size: {adapter_bytes:,} bytes per node per round "
+                  f"({ratio:.2%} of the full model's {model_bytes:,} bytes)")
+    console.print(f"adapter:   {run.get('adapter_path')}")
+    console.print(f"run store: {db_path}")
+    console.print(f"details:   fedllm status {run['run_id']}")
     console.print("dashboard: fedllm dashboard   (then open http://localhost:8501)")
 
 
@@ -114,6 +123,19 @@ def run(
     home: HomeOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Flower/Ray logs")] = False,
     as_json: JsonOpt = False,
+    # Deployment: submit to a running coordinator instead of simulating (fedllm/cli/deploy.py).
+    federation: Annotated[str | None, typer.Option(
+        "--federation", help="submit to this SuperLink connection (Flower's config; "
+        "--superlink creates it) instead of simulating")] = None,
+    superlink: Annotated[str | None, typer.Option(
+        "--superlink", help="with --federation: coordinator's Control API HOST:PORT")] = None,
+    root_certificates: Annotated[Path | None, typer.Option(
+        "--root-certificates", help="with --federation: the federation's ca.crt")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="with --federation: no TLS to the coordinator (explicit, warned)")
+    ] = False,
+    timeout: Annotated[float, typer.Option(
+        help="with --federation: seconds to wait for the run")] = 24 * 3600.0,
 ) -> None:
     """Federate DP-LoRA fine-tuning across simulated nodes and record it in the run store."""
     overrides: dict[str, Any] = {}
@@ -152,6 +174,14 @@ def run(
                   f"{cfg.federation.rounds} rounds, task {cfg.model.task}, "
                   + (f"DP target ε={cfg.privacy.target_epsilon:g} δ={cfg.privacy.delta:g} "
                      f"({cfg.privacy.accountant})" if cfg.privacy.enabled else "DP OFF"))
+    if federation is not None or superlink is not None:
+        from fedllm.cli.deploy import submit_and_wait
+
+        # The nodes' data is theirs: only the coordinator's side is known here.
+        submit_and_wait(cfg, run_id, federation=federation or "fedllm", superlink=superlink,
+                        root_certificates=root_certificates, insecure=insecure,
+                        home=home_dir, console=console, as_json=as_json, timeout=timeout)
+        return
     from fedllm.coordinator import resolve_label_names
     from fedllm.node import check_simulation_data
 
