@@ -313,3 +313,70 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
                 return True
         time.sleep(0.2)
     return False
+
+
+def check_tls(address: str, ca_cert: Path, *, wait: float = 120.0) -> None:
+    """Check, before starting the SuperNode, that the coordinator at ``address`` presents a
+    certificate signed by ``ca_cert`` and valid for that host name: a wrong CA or host gives a
+    clear error here instead of Flower's generic connection failure. Waits up to ``wait``
+    seconds for a coordinator that is not listening yet (containers start in any order)."""
+    import socket
+    import ssl
+
+    host, port = _split(address, "superlink address")
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_cert))
+    except (OSError, ssl.SSLError) as e:
+        raise DeployError(f"cannot load the root certificate {ca_cert}: {e}") from None
+    ctx.set_alpn_protocols(["h2"])  # what a gRPC client offers
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=10) as sock, \
+                    ctx.wrap_socket(sock, server_hostname=host):
+                return
+        except ssl.SSLCertVerificationError as e:
+            raise DeployError(
+                f"TLS verification of the coordinator at {address} failed: {e.verify_message}. "
+                f"Its certificate is not signed by {ca_cert} or not valid for {host!r}: check "
+                "connection.root_certificates (the federation's ca.crt) and the --host names "
+                "given to `fedllm certs init`") from None
+        except ssl.SSLError as e:
+            raise DeployError(f"TLS handshake with the coordinator at {address} failed: {e} "
+                              "(is it running with --insecure?)") from None
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise DeployError(f"the coordinator at {address} is not reachable: {e}"
+                                  ) from None
+            time.sleep(2.0)
+
+
+# What Flower 1.39's SuperNode logs when the SuperLink refuses its key (it exits with 1 for
+# every error, so the log line is the only way to tell a refusal from other failures).
+SUPERNODE_REFUSED_MARKERS = ("Failed to activate SuperNode", "[code: 2004]")
+
+
+def run_child(cmd: list[str], env: dict[str, str],
+              markers: tuple[str, ...] = ()) -> tuple[int, bool]:
+    """Run ``cmd`` in the foreground, its output passed through to our stderr and SIGINT /
+    SIGTERM forwarded to it. Returns (exit code, whether any of ``markers`` was logged)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", bufsize=1)
+
+    def forward(signum: int, _frame: object) -> None:
+        proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    seen = False
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            seen = seen or any(m in line for m in markers)
+        return proc.wait(), seen
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

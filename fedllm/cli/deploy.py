@@ -149,7 +149,13 @@ def node_start(
     The node connects to the coordinator over TLS, authenticates with its registered key and
     trains on its own data within its own privacy limits.
     """
-    from server.deploy import flower_env, supernode_command
+    from server.deploy import (
+        SUPERNODE_REFUSED_MARKERS,
+        check_tls,
+        flower_env,
+        run_child,
+        supernode_command,
+    )
 
     path = config.expanduser().resolve()
     try:
@@ -166,17 +172,34 @@ def node_start(
     c.print(f"fedllm node {cfg.node.name}: coordinator {cfg.connection.superlink} "
             f"({'NO TLS' if cfg.connection.insecure else 'TLS'}), data {cfg.data.path}, "
             f"ε limit {cfg.privacy.max_epsilon:g}, δ ≤ {cfg.privacy.delta:g}")
-    _exec(cmd, flower_env(fedllm_home(home).resolve()))
+    if not cfg.connection.insecure:
+        try:
+            check_tls(cfg.connection.superlink,
+                      _resolve_from(path, cfg.connection.root_certificates or ""))
+        except _deploy_errors() as e:
+            raise err(f"node {cfg.node.name} not started: {e}") from None
+    # A child, not exec: Flower's refusal (exit 305) gets a clear line naming the cause.
+    code, refused = run_child(cmd, flower_env(fedllm_home(home).resolve()),
+                              SUPERNODE_REFUSED_MARKERS)
+    if refused:
+        raise err(f"node {cfg.node.name} was refused by the coordinator at "
+                  f"{cfg.connection.superlink}: its key is not registered there (the coordinator "
+                  f"operator runs `fedllm node register <{cfg.node.name}'s node.pub>`). "
+                  "The node received no model.", code=3)
+    raise typer.Exit(code)
+
+
+def _resolve_from(config_path: Path, p: str) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else config_path.parent / q
 
 
 def _check_node_data(cfg: Any, config_path: Path) -> None:
     """Fail before connecting if the node's own data is unreadable (file, columns)."""
     from fedllm.data import read_table
 
-    p = Path(cfg.data.path).expanduser()
-    p = p if p.is_absolute() else config_path.parent / p
-    read_table(str(p), text_column=cfg.data.text_column, label_column=cfg.data.label_column,
-               max_examples=cfg.data.max_examples)
+    read_table(str(_resolve_from(config_path, cfg.data.path)), text_column=cfg.data.text_column,
+               label_column=cfg.data.label_column, max_examples=cfg.data.max_examples)
 
 
 def _connection(federation: str, superlink: str | None, root_certificates: Path | None,
