@@ -17,6 +17,7 @@ fedllm installed is all a machine needs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -359,24 +360,38 @@ SUPERNODE_REFUSED_MARKERS = ("Failed to activate SuperNode", "[code: 2004]")
 def run_child(cmd: list[str], env: dict[str, str],
               markers: tuple[str, ...] = ()) -> tuple[int, bool]:
     """Run ``cmd`` in the foreground, its output passed through to our stderr and SIGINT /
-    SIGTERM forwarded to it. Returns (exit code, whether any of ``markers`` was logged)."""
+    SIGTERM forwarded to it. Returns (exit code, whether any of ``markers`` was logged).
+
+    The child gets its own process group, ended when it exits: a SuperNode that gives up can
+    leave its SuperExec helper behind, retrying forever and holding the output pipe open."""
     import signal
+    import threading
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace", bufsize=1)
+                            text=True, errors="replace", bufsize=1, start_new_session=True)
+    seen = threading.Event()
 
-    def forward(signum: int, _frame: object) -> None:
-        proc.send_signal(signum)
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    seen = False
-    try:
+    def pump() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stderr.write(line)
             sys.stderr.flush()
-            seen = seen or any(m in line for m in markers)
-        return proc.wait(), seen
+            if any(m in line for m in markers):
+                seen.set()
+
+    def signal_group(signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    old = {s: signal.signal(s, lambda signum, _frame: signal_group(signum))
+           for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        signal_group(signal.SIGTERM)  # helpers the child left behind
+        reader.join(timeout=10)
+    return code, seen.is_set()
