@@ -105,7 +105,13 @@ def _check_hosts(hosts: tuple[str, ...]) -> None:
     if not hosts:
         raise CertsError("at least one --host is needed for the server certificate")
     for h in hosts:
-        if not h or any(c.isspace() for c in h) or "/" in h or ":" in h and "." in h:
+        if ":" in h:  # only an IPv6 address may hold colons ("host:port" is a mistake)
+            try:
+                ipaddress.IPv6Address(h)
+                continue
+            except ValueError:
+                pass
+        if not h or any(c.isspace() for c in h) or "/" in h or ":" in h:
             raise CertsError(f"invalid host {h!r} for the server certificate "
                              "(a DNS name or an IP address, without port)")
 
