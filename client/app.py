@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
+from client import secagg
 from fedllm.config import NodeConfig, load_node_config
 from fedllm.node import NodeDataSpec, NodeIdentity, NodeRuntime, simulated_node_data
-from fedllm.protocol import TrainRequest
+from fedllm.protocol import TrainReply, TrainRequest
 from fedllm.store import fedllm_home
 from server.messages import content_to_request, reply_to_content
+from server.secagg import ADVERTISE, MASK, SHARE_KEYS, UNMASK
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,11 @@ def deployed_node(config_path: Path, request: TrainRequest, home: Path
 
 
 def handle_train(msg: Message, context: Context, home: Path) -> Message:
+    return Message(reply_to_content(train_reply(msg, context, home)), reply_to=msg)
+
+
+def train_reply(msg: Message, context: Context, home: Path) -> TrainReply:
+    """Train this node's round; the clear reply stays in the process (see client/secagg)."""
     request = content_to_request(msg.content)
     if NODE_CONFIG_KEY in context.node_config:
         identity, data = deployed_node(Path(str(context.node_config[NODE_CONFIG_KEY])),
@@ -73,18 +82,49 @@ def handle_train(msg: Message, context: Context, home: Path) -> Message:
             "this SuperNode has neither a 'node-config' (deployed node: start it with "
             "`fedllm node start --config node.toml`) nor a 'partition-id' (simulation)"
         )
-    reply = node_runtime().train(request, identity=identity, data=data)
-    return Message(reply_to_content(reply), reply_to=msg)
+    return node_runtime().train(request, identity=identity, data=data)
 
 
-def make_client_app(home: Path) -> ClientApp:
-    app = ClientApp()
+def register_secagg(app: ClientApp, train: Callable[[Message, Context], TrainReply]) -> None:
+    """SecAgg+ stage handlers (``train.secagg_*`` messages) on ``app``, see client/secagg.py.
+    ``train`` runs the node's round and returns its *clear* reply, which never leaves the
+    node: a deployed node passes its own (NodeConfig-based) train function here."""
+
+    @app.train(ADVERTISE)
+    def secagg_advertise(msg: Message, context: Context) -> Message:
+        return secagg.advertise(msg, context, train)
+
+    @app.train(SHARE_KEYS)
+    def secagg_share_keys(msg: Message, context: Context) -> Message:
+        return secagg.share_keys(msg, context)
+
+    @app.train(MASK)
+    def secagg_mask(msg: Message, context: Context) -> Message:
+        return secagg.mask(msg, context)
+
+    @app.train(UNMASK)
+    def secagg_unmask(msg: Message, context: Context) -> Message:
+        return secagg.unmask(msg, context)
+
+
+def make_client_app(home: Path, *, mods: list[Mod] | None = None) -> ClientApp:
+    """``mods``: Flower client mods around every handler (tests use one to drop a node)."""
+    app = ClientApp(mods=mods)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, home)
 
+    register_secagg(app, lambda m, c: train_reply(m, c, home))
     return app
+
+
+def context_home(context: Context) -> Path:
+    """Deployed: the node operator's $FEDLLM_HOME (inherited from `fedllm node start`); the
+    run config's `fedllm-home` is the submitter's and only applies in simulation."""
+    if NODE_CONFIG_KEY in context.node_config:
+        return fedllm_home()
+    return fedllm_home(str(context.run_config.get("fedllm-home", "") or "") or None)
 
 
 app = ClientApp()
@@ -92,9 +132,7 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    # Deployed: the node operator's $FEDLLM_HOME (inherited from `fedllm node start`); the run
-    # config's `fedllm-home` is the submitter's and only applies in simulation.
-    if NODE_CONFIG_KEY in context.node_config:
-        return handle_train(msg, context, fedllm_home())
-    home = fedllm_home(str(context.run_config.get("fedllm-home", "") or "") or None)
-    return handle_train(msg, context, home)
+    return handle_train(msg, context, context_home(context))
+
+
+register_secagg(app, lambda m, c: train_reply(m, c, context_home(c)))

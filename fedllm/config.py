@@ -131,6 +131,21 @@ class PrivacyConfig(_Frozen):
         return self.max_epsilon if self.max_epsilon is not None else self.target_epsilon
 
 
+class SecAggConfig(_Frozen):
+    """Secure aggregation (SecAgg+, fedllm/secagg.py): the coordinator sees masked updates only.
+    Off by default in simulation (one machine sees everything anyway); deployments turn it on."""
+
+    enabled: bool = False
+    # Each coordinate of a node's update (delta to the global adapter) is clipped to
+    # [-clip, clip] before fixed-point quantisation; clipped coordinates are counted.
+    clip: float = Field(1.0, gt=0, le=1e6)
+    bits: int = Field(20, ge=2, le=32)  # fixed-point levels per coordinate: 2^bits - 1
+    # Shamir threshold t = max(2, ceil(fraction * nodes that advertised keys)); > 1/2 so no
+    # two disjoint groups can both unmask. The round survives up to n - t dropouts.
+    threshold_fraction: float = Field(2 / 3, gt=0.5, le=1.0)
+    stage_timeout: float = Field(300.0, gt=0)  # seconds per key/mask/unmask stage
+
+
 class RunConfig(_Frozen):
     name: str = "fedllm-run"
     seed: int = 42
@@ -141,10 +156,16 @@ class RunConfig(_Frozen):
     federation: FederationConfig = FederationConfig()
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    secagg: SecAggConfig = SecAggConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         fed = self.federation
+        if self.secagg.enabled and fed.sampled_per_round < 3:
+            raise ValueError(
+                f"secagg.enabled needs at least 3 nodes per round (got "
+                f"{fed.sampled_per_round}): with 2, each node learns the other's update"
+            )
         if fed.nodes_per_round is not None and fed.nodes_per_round > fed.num_nodes:
             raise ValueError(
                 f"federation.nodes_per_round ({fed.nodes_per_round}) exceeds "

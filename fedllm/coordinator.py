@@ -29,6 +29,7 @@ from fedllm.data import (
 from fedllm.evaluate import evaluate
 from fedllm.model import LoadedModel, load_model, resolve_device, save_adapter
 from fedllm.protocol import TrainReply, TrainRequest, state_bytes
+from fedllm.secagg import SecureRoundResult
 from fedllm.store import Store
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,12 @@ class Transport(Protocol):
     def train(self, requests: dict[int, TrainRequest], *, timeout: float,
               on_reply: Callable[[int], None]) -> dict[int, TrainReply | str]:
         """Send each request, return each node's reply or a failure reason (str)."""
+        ...
+
+    def train_secure(self, requests: dict[int, TrainRequest], *, timeout: float,
+                     on_reply: Callable[[int], None]) -> SecureRoundResult:
+        """Like :meth:`train`, through SecAgg+: per-node metadata and the unmasked weighted
+        mean of the updates only (fedllm/secagg.py)."""
         ...
 
 
@@ -209,6 +216,9 @@ class Coordinator:
         if self.observer:
             self.observer.round_started(rnd, len(chosen))
         request = TrainRequest(self.run_id, rnd, cfg, label_names, global_state)
+        if self.secure_aggregation:
+            return self._secure_round(rnd, transport, loaded, eval_ds, global_state, request,
+                                      chosen, t0)
         replies = transport.train(
             {nid: request for nid in chosen}, timeout=fed.round_timeout,
             on_reply=lambda _nid: self.observer.node_replied(rnd) if self.observer else None,
@@ -243,3 +253,60 @@ class Coordinator:
         self.store.record_round(self.run_id, rnd, started_at=t0, num_nodes=len(accepted),
                                 metrics=metrics, nodes=rows)
         return new_state, RoundReport(rnd, metrics, rows, len(accepted), time.time() - t0)
+
+    # -- secure aggregation (SecAgg+): the coordinator only ever sees masked updates ---------
+
+    def _secure_round(self, rnd: int, transport: Transport, loaded: LoadedModel,
+                      eval_ds: TokenizedDataset, global_state: dict[str, np.ndarray],
+                      request: TrainRequest, chosen: list[int], t0: float
+                      ) -> tuple[dict[str, np.ndarray], RoundReport]:
+        """Per-update validation is impossible on masked data: nodes clip into the
+        quantisation range before masking, and the unmasked aggregate is validated here."""
+        result = transport.train_secure(
+            {nid: request for nid in chosen}, timeout=self.config.federation.round_timeout,
+            on_reply=lambda _nid: self.observer.node_replied(rnd) if self.observer else None,
+        )
+        rows: list[dict[str, Any]] = []
+        aggregated = set(result.aggregated)
+        for nid in chosen:
+            reply = result.replies.get(nid, "no reply before the round timeout")
+            if isinstance(reply, str):
+                rows.append({"node_id": f"flower-{nid}", "status": "failed", "reason": reply})
+                continue
+            row = reply.record_fields()
+            row["update_bytes"] = result.bytes_sent.get(nid)  # masked vector + keys + shares
+            if reply.ok and nid not in aggregated:
+                row.update(status="dropped", reason=result.reasons.get(nid) or result.error
+                           or "dropped out of the secure aggregation round")
+            rows.append(row)
+        new_state: dict[str, np.ndarray] | None = None
+        if result.mean is not None:
+            try:
+                # The aggregate is the weighted mean *delta*; FedAvg of the nodes' adapters
+                # is the global adapter plus it.
+                validate_update(result.mean, global_state)
+                new_state = {k: (global_state[k].astype(np.float64)
+                                 + result.mean[k]).astype(np.float32) for k in global_state}
+            except UpdateRejected as e:
+                result.error = f"unmasked aggregate rejected: {e}"
+        if new_state is None:
+            self.store.record_round(self.run_id, rnd, started_at=t0, num_nodes=0,
+                                    metrics={}, nodes=rows)
+            raise RunFailed(f"round {rnd}: {result.error or 'no secure aggregate'}")
+        # The clipped count is an aggregate too (summed under the masks): an audit event, not
+        # a utility metric (round metrics feed the dashboard's utility and bias pages).
+        dropped = sorted(r["node_id"] for r in rows if r.get("status") == "dropped")
+        self.store.add_event(self.run_id, "info", (
+            f"round {rnd}: securely aggregated {len(result.aggregated)} node(s), total weight "
+            f"{result.total_weight}, {result.clipped} coordinate(s) clipped"
+            + (f", dropped: {', '.join(dropped)}" if dropped else "")))
+        if result.clipped:
+            self._warn(f"round {rnd}: {result.clipped} update coordinate(s) were clipped to "
+                       f"±{self.config.secagg.clip:g} before secure aggregation "
+                       "(raise secagg.clip)")
+        loaded.load_adapter_state(new_state)
+        metrics = evaluate(loaded, eval_ds)
+        self.store.record_round(self.run_id, rnd, started_at=t0,
+                                num_nodes=len(result.aggregated), metrics=metrics, nodes=rows)
+        return new_state, RoundReport(rnd, metrics, rows, len(result.aggregated),
+                                      time.time() - t0)

@@ -20,8 +20,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedllm.config import ConfigError, RunConfig, config_from_dict, load_config
 from fedllm.coordinator import Coordinator, RunObserver, RunSummary
 from fedllm.protocol import TrainReply, TrainRequest
+from fedllm.secagg import SecureRoundResult
 from fedllm.store import Store, default_db_path, fedllm_home, new_run_id
 from server.messages import content_to_reply, request_to_content
+from server.secagg import train_secure
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,10 @@ class GridTransport:
             out[nid] = f"no reply within the round timeout ({timeout:g} s)"
         return out
 
+    def train_secure(self, requests: dict[int, TrainRequest], *, timeout: float,
+                     on_reply: Callable[[int], None]) -> SecureRoundResult:
+        return train_secure(self.grid, requests, timeout=timeout, on_reply=on_reply)
+
 
 def coordinate(grid: Grid, config: RunConfig, *, home: Path, run_id: str,
                mode: str, secure_transport: bool,
@@ -81,6 +87,7 @@ def coordinate(grid: Grid, config: RunConfig, *, home: Path, run_id: str,
     with Store(default_db_path(home)) as store:
         return Coordinator(config, store, run_id=run_id, home=home, mode=mode,
                            secure_transport=secure_transport,
+                           secure_aggregation=config.secagg.enabled,
                            observer=observer).run(GridTransport(grid))
 
 

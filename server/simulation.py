@@ -5,17 +5,20 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from fedllm.config import RunConfig
 from fedllm.coordinator import RunObserver, RunSummary
 
 
 def simulate(config: RunConfig, *, home: Path, run_id: str,
-             observer: RunObserver | None = None, verbose: bool = False) -> RunSummary:
+             observer: RunObserver | None = None, verbose: bool = False,
+             client_mods: list[Any] | None = None) -> RunSummary:
     """Federate ``config`` over ``federation.num_nodes`` virtual nodes; returns the summary.
 
     Exceptions of the coordinator (bad data, failed rounds) propagate to the caller after the
-    run has been recorded as failed in the store.
+    run has been recorded as failed in the store. ``client_mods``: Flower mods wrapped around
+    every node handler (tests use them to observe or drop a node).
     """
     import torch
     from flwr.simulation import run_simulation
@@ -42,7 +45,7 @@ def simulate(config: RunConfig, *, home: Path, run_id: str,
     run_simulation(
         server_app=make_server_app(config, home=home, run_id=run_id, observer=observer,
                                    result=result),
-        client_app=make_client_app(home),
+        client_app=make_client_app(home, mods=client_mods),
         num_supernodes=n,
         backend_config=backend_config,  # type: ignore[arg-type]
         verbose_logging=verbose,

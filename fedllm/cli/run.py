@@ -120,6 +120,10 @@ def run(
     eval_text_column: Annotated[str | None, typer.Option(help="text column of eval data")] = None,
     max_examples: Annotated[int | None, typer.Option(help="read at most N training rows")] = None,
     seed: Annotated[int | None, typer.Option(help="run seed (public)")] = None,
+    secagg: Annotated[bool | None, typer.Option(
+        "--secagg/--no-secagg", help="secure aggregation (SecAgg+): the coordinator sees "
+        "masked updates only (secagg.enabled); default: on with --federation, off in "
+        "simulation")] = None,
     home: HomeOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Flower/Ray logs")] = False,
     as_json: JsonOpt = False,
@@ -153,6 +157,11 @@ def run(
         overrides.update({k: v for k, v in shortcuts.items() if v is not None})
         if no_dp:
             overrides.update({"privacy.enabled": False, "privacy.allow_no_dp": True})
+        deployed = federation is not None or superlink is not None
+        if secagg is not None:
+            overrides["secagg.enabled"] = secagg
+        elif deployed and "secagg.enabled" not in overrides:
+            overrides["secagg.enabled"] = True  # deployments: secure aggregation by default
         cfg = load_config(config, overrides)
     except ConfigError as e:
         raise err(str(e)) from None
@@ -173,7 +182,9 @@ def run(
     console.print(f"fedllm run [bold]{run_id}[/]: {cfg.federation.num_nodes} nodes, "
                   f"{cfg.federation.rounds} rounds, task {cfg.model.task}, "
                   + (f"DP target ε={cfg.privacy.target_epsilon:g} δ={cfg.privacy.delta:g} "
-                     f"({cfg.privacy.accountant})" if cfg.privacy.enabled else "DP OFF"))
+                     f"({cfg.privacy.accountant})" if cfg.privacy.enabled else "DP OFF")
+                  + (f", SecAgg+ (clip ±{cfg.secagg.clip:g}, {cfg.secagg.bits} bits)"
+                     if cfg.secagg.enabled else ""))
     if federation is not None or superlink is not None:
         from fedllm.cli.deploy import submit_and_wait
 

@@ -186,8 +186,9 @@ def test_registered_node_joins_unregistered_and_wrong_ca_rejected(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_loopback_tls_auth_dp_run(tmp_path):
-    """Three authenticated TLS nodes finish a 2-round DP-LoRA run submitted with
-    `fedllm run --federation`; a rogue and a wrong-CA node are rejected meanwhile."""
+    """Three authenticated TLS nodes finish a 2-round DP-LoRA run, securely aggregated
+    (SecAgg+, on by default for deployments), submitted with `fedllm run --federation`; a rogue
+    and a wrong-CA node are rejected meanwhile."""
     dep = Deployment(tmp_path)
     names = ["alpha", "beta", "gamma"]
     try:
@@ -214,6 +215,7 @@ def test_loopback_tls_auth_dp_run(tmp_path):
         run = json.loads(st.stdout)
         assert run["state"] == "finished" and run["mode"] == "deployment"
         assert run["secure_transport"]
+        assert run["secure_aggregation"]  # deployments: SecAgg+ on by default
         assert [r["round"] for r in run["rounds"]] == [0, 1, 2]
         for rnd in run["rounds"][1:]:
             assert sorted(n["node_id"] for n in rnd["nodes"]) == names
