@@ -2,6 +2,10 @@
 
 In simulation each virtual node is identified by Flower's ``partition-id`` and trains on its
 share of the run's data; its privacy ledger lives under ``$FEDLLM_HOME/runs/<run>/nodes/``.
+
+Deployed (``fedllm node start --config node.toml``), the SuperNode's node config carries
+``node-config`` = the absolute path of the operator's node.toml: the node's name, state folder,
+data and privacy limits come from that file, never from the coordinator.
 """
 
 from __future__ import annotations
@@ -16,13 +20,23 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client import secagg
-from fedllm.node import NodeIdentity, NodeRuntime, simulated_node_data, simulated_state_dir
-from fedllm.protocol import TrainReply
+from fedllm.config import load_node_config
+from fedllm.node import (
+    NodeDataSpec,
+    NodeIdentity,
+    NodeRuntime,
+    simulated_node_data,
+    simulated_state_dir,
+)
+from fedllm.node import deployed_node as node_from_config
+from fedllm.protocol import TrainReply, TrainRequest
 from fedllm.store import fedllm_home
 from server.messages import content_to_request, reply_to_content
 from server.secagg import ADVERTISE, MASK, SHARE_KEYS, UNMASK
 
 log = logging.getLogger(__name__)
+
+NODE_CONFIG_KEY = "node-config"  # SuperNode --node-config key: path of the node.toml
 
 
 @functools.cache
@@ -33,6 +47,14 @@ def node_runtime() -> NodeRuntime:
     return NodeRuntime()
 
 
+def deployed_node(config_path: Path, request: TrainRequest, home: Path
+                  ) -> tuple[NodeIdentity, NodeDataSpec]:
+    """Identity and data of a deployed node from its operator's node.toml (relative paths are
+    relative to that file)."""
+    return node_from_config(load_node_config(config_path), home, base_dir=config_path.parent,
+                            task=request.config.model.task)
+
+
 def handle_train(msg: Message, context: Context, home: Path) -> Message:
     return Message(reply_to_content(train_reply(msg, context, home)), reply_to=msg)
 
@@ -40,20 +62,24 @@ def handle_train(msg: Message, context: Context, home: Path) -> Message:
 def train_reply(msg: Message, context: Context, home: Path) -> TrainReply:
     """Train this node's round; the clear reply stays in the process (see client/secagg)."""
     request = content_to_request(msg.content)
-    if "partition-id" not in context.node_config:
+    if NODE_CONFIG_KEY in context.node_config:
+        identity, data = deployed_node(Path(str(context.node_config[NODE_CONFIG_KEY])),
+                                       request, home)
+    elif "partition-id" in context.node_config:
+        pid = int(context.node_config["partition-id"])  # type: ignore[arg-type]
+        name = f"node-{pid}"
+        # In simulation the person running `fedllm run` is every virtual node's operator, so
+        # the run's explicit DP opt-out stands for theirs too.
+        identity = NodeIdentity(name=name,
+                                state_dir=simulated_state_dir(home, request.run_id, pid),
+                                allow_no_dp=request.config.privacy.allow_no_dp)
+        data = simulated_node_data(request.config, pid)
+    else:
         raise RuntimeError(
-            "this ClientApp runs simulated nodes only (node_config has no 'partition-id'); "
-            "deployed nodes are started with `fedllm node start`"
+            "this SuperNode has neither a 'node-config' (deployed node: start it with "
+            "`fedllm node start --config node.toml`) nor a 'partition-id' (simulation)"
         )
-    pid = int(context.node_config["partition-id"])  # type: ignore[arg-type]
-    name = f"node-{pid}"
-    # In simulation the person running `fedllm run` is every virtual node's operator, so the
-    # run's explicit DP opt-out stands for theirs too.
-    identity = NodeIdentity(name=name,
-                            state_dir=simulated_state_dir(home, request.run_id, pid),
-                            allow_no_dp=request.config.privacy.allow_no_dp)
-    return node_runtime().train(request, identity=identity,
-                                data=simulated_node_data(request.config, pid))
+    return node_runtime().train(request, identity=identity, data=data)
 
 
 def register_secagg(app: ClientApp, train: Callable[[Message, Context], TrainReply]) -> None:
@@ -90,18 +116,20 @@ def make_client_app(home: Path, *, mods: list[Mod] | None = None) -> ClientApp:
     return app
 
 
+def context_home(context: Context) -> Path:
+    """Deployed: the node operator's $FEDLLM_HOME (inherited from `fedllm node start`); the
+    run config's `fedllm-home` is the submitter's and only applies in simulation."""
+    if NODE_CONFIG_KEY in context.node_config:
+        return fedllm_home()
+    return fedllm_home(str(context.run_config.get("fedllm-home", "") or "") or None)
+
+
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    home = fedllm_home(str(context.run_config.get("fedllm-home", "") or "") or None)
-    return handle_train(msg, context, home)
+    return handle_train(msg, context, context_home(context))
 
 
-def _train_reply_run_config_home(msg: Message, context: Context) -> TrainReply:
-    home = fedllm_home(str(context.run_config.get("fedllm-home", "") or "") or None)
-    return train_reply(msg, context, home)
-
-
-register_secagg(app, _train_reply_run_config_home)
+register_secagg(app, lambda m, c: train_reply(m, c, context_home(c)))

@@ -53,6 +53,13 @@ RUN_COLUMNS = ["Run ID", "Name", "State", "Final accuracy", "Final perplexity", 
                "Finished", "Mode", "Task"]
 
 
+def transport_label(mode: Any, secure_transport: Any) -> str:
+    """How updates travelled: in-process in a simulation; TLS or not in a deployment."""
+    if mode == "simulation":
+        return "simulation, in-process"
+    return "TLS" if secure_transport else "NO TLS (--insecure)"
+
+
 def runs_frame(runs: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per run (``Store.list_runs`` order: newest first)."""
     rows = []
@@ -74,7 +81,7 @@ def runs_frame(runs: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "Final perplexity": fm.get("perplexity"),
             "Max ε": r.get("max_epsilon"),
             "DP": "on" if r.get("dp_enabled") else "OFF",
-            "Secure transport": "yes" if r.get("secure_transport") else "no",
+            "Secure transport": transport_label(r.get("mode"), r.get("secure_transport")),
         })
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     # A store with only classification (or only causal-lm) runs needs no empty metric column.

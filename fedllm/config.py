@@ -297,12 +297,43 @@ class NodePrivacyConfig(_Frozen):
     allow_no_dp: bool = False
 
 
+class NodeConnectionConfig(_Frozen):
+    """How the node reaches the coordinator (``fedllm node start``). Relative paths are
+    relative to the node.toml's folder."""
+
+    # The coordinator's Fleet API (Flower SuperLink, gRPC): host:port.
+    superlink: str = Field("127.0.0.1:9092", pattern=r"^\S+:\d{1,5}$")
+    # CA certificate that signed the coordinator's TLS certificate (`fedllm certs init`).
+    root_certificates: str | None = None
+    # This node's P-384 private key (OpenSSH format); its public key must be registered with
+    # the coordinator (`fedllm node register`). Unregistered nodes are refused.
+    auth_private_key: str | None = None
+    # Plain-text gRPC. Only with an explicit `insecure = true` (warned about loudly).
+    insecure: bool = False
+    # Local port of the SuperNode's runtime API (its ClientApp processes talk to it); nodes
+    # sharing one machine need different ports.
+    runtime_port: int = Field(9094, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _tls_unless_insecure(self) -> NodeConnectionConfig:
+        if not self.insecure and not self.root_certificates:
+            raise ValueError("connection.root_certificates is needed for TLS (the federation's "
+                             "ca.crt); plain text needs an explicit connection.insecure = true")
+        if not self.auth_private_key:
+            raise ValueError("connection.auth_private_key is needed: the coordinator only "
+                             "accepts registered nodes (`fedllm certs init --node NAME`)")
+        return self
+
+
 class NodeConfig(_Frozen):
     node: NodeInfo
     data: NodeDataConfig
     privacy: NodePrivacyConfig = NodePrivacyConfig()
     redaction: RedactionConfig = RedactionConfig()
     contribution: NodeContributionConfig = NodeContributionConfig()
+
+    # Deployment only (`fedllm node start`); None for a node that is only inspected.
+    connection: NodeConnectionConfig | None = None
 
     @model_validator(mode="after")
     def _cap_needs_user_column(self) -> NodeConfig:

@@ -109,16 +109,24 @@ def simulated_state_dir(home: Path, run_id: str, partition_id: int) -> Path:
     """Where virtual node ``partition_id`` of a simulated run keeps its ledger, secret and
     releases (one layout for the Flower simulation and the in-process federation)."""
     return home / "runs" / run_id / "nodes" / f"node-{partition_id}"
-def deployed_node(config: NodeConfig, home: str | Path | None = None
+def deployed_node(config: NodeConfig, home: str | Path | None = None, *,
+                  base_dir: Path | None = None, task: str = "seq-cls"
                   ) -> tuple[NodeIdentity, NodeDataSpec]:
-    """A deployed node's identity (state dir, key file, ε limit) and data, from node.toml."""
+    """A deployed node's identity (state dir, key file, operator limits) and data, from its
+    node.toml; relative paths are taken relative to ``base_dir`` (the file's folder)."""
     n, d = config.node, config.data
-    state_dir = Path(n.state_dir) if n.state_dir else fedllm_home(home) / "nodes" / n.name
-    key_file = Path(n.key_file) if n.key_file else state_dir / "node.key"
+
+    def resolve(p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() or base_dir is None else base_dir / q
+
+    state_dir = resolve(n.state_dir) if n.state_dir else fedllm_home(home) / "nodes" / n.name
+    key_file = resolve(n.key_file) if n.key_file else state_dir / "node.key"
     identity = NodeIdentity(n.name, state_dir, epsilon_limit=config.privacy.max_epsilon,
                             max_delta=config.privacy.delta,
                             allow_no_dp=config.privacy.allow_no_dp, key_file=key_file)
-    spec = NodeDataSpec(d.path, d.text_column, d.label_column, d.max_examples,
+    label_column = d.label_column if task == "seq-cls" else None
+    spec = NodeDataSpec(str(resolve(d.path)), d.text_column, label_column, d.max_examples,
                         user_column=d.user_column,
                         max_examples_per_user=config.contribution.max_examples_per_user,
                         redaction=config.redaction if config.redaction.enabled else None)

@@ -7,15 +7,17 @@ app with :func:`make_server_app` so it can pass the validated config and watch p
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
-from fedllm.config import RunConfig, load_config
+from fedllm.config import ConfigError, RunConfig, config_from_dict, load_config
 from fedllm.coordinator import Coordinator, RunInterrupted, RunObserver, RunSummary
 from fedllm.protocol import TrainReply, TrainRequest
 from fedllm.secagg import SecureRoundResult
@@ -116,14 +118,51 @@ def make_server_app(config: RunConfig, *, home: Path, run_id: str, resume: bool 
     return app
 
 
+# Set by `fedllm coordinator start` in the SuperLink's environment, which its ServerApp
+# processes inherit: "1" = the SuperLink serves TLS, "0" = started with --insecure. Absent (a
+# SuperLink started by hand) counts as insecure: transport security is never assumed.
+SECURE_TRANSPORT_ENV = "FEDLLM_SECURE_TRANSPORT"
+
+
+def deployment_transport() -> bool:
+    return os.environ.get(SECURE_TRANSPORT_ENV) == "1"
+
+
+def run_mode(grid: Grid) -> str:
+    """"simulation" when Flower's in-memory grid (simulation engine) drives the run."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    return "simulation" if isinstance(grid, InMemoryGrid) else "deployment"
+
+
+def config_from_run_config(run_config: Mapping[str, object]) -> RunConfig:
+    """The run's config from Flower's run config: ``fedllm-config-json`` (what ``fedllm run
+    --federation`` sends: the submitter's validated config) or a ``fedllm-config`` TOML path
+    (read where the ServerApp runs), else defaults."""
+    text = str(run_config.get("fedllm-config-json", "") or "")
+    if text:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"run config fedllm-config-json is not valid JSON: {e}") from None
+        return config_from_dict(data, source="run config fedllm-config-json")
+    return load_config(str(run_config.get("fedllm-config", "") or "") or None)
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run``: config from the run config key ``fedllm-config``."""
-    path = str(context.run_config.get("fedllm-config", "") or "") or None
-    config = load_config(path)
-    home = fedllm_home(str(context.run_config.get("fedllm-home", "") or "") or None)
-    coordinate(grid, config, home=home, run_id=new_run_id(), mode="simulation",
-               secure_transport=False)
+    """Entry point for ``flwr run`` / ``fedllm run --federation``."""
+    config = config_from_run_config(context.run_config)
+    mode = run_mode(grid)
+    if mode == "deployment":
+        # The run store is the coordinator's: $FEDLLM_HOME of the SuperLink process.
+        home = fedllm_home()
+        secure = deployment_transport()
+    else:
+        home = fedllm_home(str(context.run_config.get("fedllm-home", "") or "") or None)
+        secure = False
+    run_id = str(context.run_config.get("fedllm-run-id", "") or "") or new_run_id()
+    coordinate(grid, config, home=home, run_id=run_id, mode=mode, secure_transport=secure)

@@ -17,13 +17,21 @@ def banners(run: dict[str, Any]) -> None:
         st.error("**Differential privacy was OFF for this run.** Node updates were trained "
                  "without DP-SGD: there is no (ε, δ) guarantee for any node's data.",
                  icon=":material/gpp_bad:")
-    if not run["secure_transport"]:
-        where = " (simulation)" if run["mode"] == "simulation" else ""
-        st.warning(f"**No secure aggregation / TLS{where}.** The coordinator sees each node's "
-                   "(DP-noised) update in the clear; protection rests on differential privacy "
-                   "alone.", icon=":material/warning:")
-    if run["dp_enabled"] and run["secure_transport"]:
-        st.success("DP-SGD on, secure transport on.", icon=":material/verified_user:")
+    if not run.get("secure_aggregation"):
+        st.warning("**No secure aggregation.** The coordinator saw each node's (DP-noised) "
+                   "update in the clear; protection rests on differential privacy alone.",
+                   icon=":material/warning:")
+    if run["mode"] == "simulation":
+        st.info("Simulation: every node ran in-process on this machine (no network, no TLS).",
+                icon=":material/info:")
+    elif not run["secure_transport"]:
+        st.error("**INSECURE TRANSPORT: this deployment ran without TLS (--insecure).** "
+                 "Updates, run configs and node credentials travelled in clear text and the "
+                 "coordinator was not authenticated to the nodes.", icon=":material/gpp_bad:")
+    if run["dp_enabled"] and run["secure_transport"] and run["mode"] != "simulation":
+        st.success("DP-SGD on, TLS on" + (", secure aggregation on."
+                                          if run.get("secure_aggregation") else "."),
+                   icon=":material/verified_user:")
 
 
 def _epsilon_chart(run: dict[str, Any]) -> None:

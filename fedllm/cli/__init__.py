@@ -9,12 +9,9 @@ import sys
 
 from rich.console import Console
 
-from fedllm.cli import run, runs  # noqa: F401  (registers commands: these first)
-
-# isort: split
-from fedllm.cli import node_data, privacy  # noqa: F401
-
-# isort: split
+# Registers commands, in this order (deploy: certs, coordinator, node start/register).
+from fedllm.cli import run, runs  # noqa: F401  # isort: skip
+from fedllm.cli import deploy, node_data, privacy  # noqa: F401  # isort: skip
 from fedllm.cli.common import USER_ERRORS, app
 
 

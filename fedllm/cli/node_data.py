@@ -30,7 +30,7 @@ def init(config: ConfigOpt, home: HomeOpt = None) -> None:
 
     try:
         cfg = load_node_config(config)
-        identity, _ = deployed_node(cfg, home)
+        identity, _ = deployed_node(cfg, home, base_dir=Path(config).resolve().parent)
         assert identity.key_file is not None
         if identity.key_file.exists():
             # Idempotent for an initialised node; never a new key (it would orphan the state).

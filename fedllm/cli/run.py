@@ -61,7 +61,17 @@ class ConsoleObserver:
 
 
 def _print_summary(console: Console, summary: RunSummary, store: Store, dp: bool) -> None:
-    run = store.get_run(summary.run_id)
+    entries = store.audit_entries(summary.run_id)
+    print_stored_summary(console, store.get_run(summary.run_id), summary.db_path,
+                         stopped_early=summary.stopped_early,
+                         audit_head=(len(entries), entries[-1].hash) if entries else None)
+
+
+def print_stored_summary(console: Console, run: dict[str, Any], db_path: str | Path, *,
+                         stopped_early: str | None = None,
+                         audit_head: tuple[int, str] | None = None) -> None:
+    """The end-of-run summary, from the run's record in the store (simulation or deployment)."""
+    dp = bool(run["dp_enabled"])
     done = [r for r in run["rounds"] if r["metrics"]]
     final = done[-1]["metrics"] if done else {}
     latest: dict[str, dict[str, Any]] = {}
@@ -69,9 +79,9 @@ def _print_summary(console: Console, summary: RunSummary, store: Store, dp: bool
         for n in r["nodes"]:
             latest[n["node_id"]] = n
     console.print()
-    console.rule(f"[bold]run {summary.run_id} finished")
-    if summary.stopped_early:
-        console.print(f"[bold yellow]stopped early:[/] {summary.stopped_early}")
+    console.rule(f"[bold]run {run['run_id']} finished")
+    if stopped_early:
+        console.print(f"[bold yellow]stopped early:[/] {stopped_early}")
     console.print("final metrics: " + ", ".join(f"{k}={fmt(v)}" for k, v in sorted(final.items())))
     t = Table(title="privacy spent per node" if dp else "nodes (DP OFF)")
     for col in ("node", "examples", "ε (cumulative)", "δ", "noise σ", "last status"):
@@ -83,17 +93,20 @@ def _print_summary(console: Console, summary: RunSummary, store: Store, dp: bool
     console.print(t)
     if not dp:
         console.print("[bold red]WARNING: differential privacy was OFF for this run.[/]")
-    ratio = summary.adapter_bytes / summary.model_bytes if summary.model_bytes else 0
-    console.print(f"update size: {summary.adapter_bytes:,} bytes per node per round "
-                  f"({ratio:.2%} of the full model's {summary.model_bytes:,} bytes)")
-    console.print(f"adapter:   {summary.adapter_path}")
-    console.print(f"run store: {summary.db_path}")
-    entries = store.audit_entries(summary.run_id)
-    if entries:
-        console.print(f"audit log: {len(entries)} entries, head {entries[-1].hash[:16]}… "
-                      f"(fedllm audit verify {summary.run_id})")
-    console.print(f"privacy:   fedllm privacy {summary.run_id}")
-    console.print(f"details:   fedllm status {summary.run_id}")
+    if run.get("mode") == "deployment":
+        console.print("transport: " + ("TLS" if run.get("secure_transport") else
+                                       "[bold red]INSECURE (no TLS)[/]"))
+    adapter_bytes, model_bytes = run.get("adapter_bytes") or 0, run.get("model_bytes") or 0
+    ratio = adapter_bytes / model_bytes if model_bytes else 0
+    console.print(f"update size: {adapter_bytes:,} bytes per node per round "
+                  f"({ratio:.2%} of the full model's {model_bytes:,} bytes)")
+    console.print(f"adapter:   {run.get('adapter_path')}")
+    console.print(f"run store: {db_path}")
+    if audit_head:
+        console.print(f"audit log: {audit_head[0]} entries, head {audit_head[1][:16]}… "
+                      f"(fedllm audit verify {run['run_id']})")
+    console.print(f"privacy:   fedllm privacy {run['run_id']}")
+    console.print(f"details:   fedllm status {run['run_id']}")
     console.print("dashboard: fedllm dashboard   (then open http://localhost:8501)")
 
 
@@ -119,9 +132,10 @@ def run(
     eval_text_column: Annotated[str | None, typer.Option(help="text column of eval data")] = None,
     max_examples: Annotated[int | None, typer.Option(help="read at most N training rows")] = None,
     seed: Annotated[int | None, typer.Option(help="run seed (public)")] = None,
-    secagg: Annotated[bool, typer.Option(
-        "--secagg", help="secure aggregation (SecAgg+): the coordinator sees masked "
-                         "updates only (secagg.enabled=true)")] = False,
+    secagg: Annotated[bool | None, typer.Option(
+        "--secagg/--no-secagg", help="secure aggregation (SecAgg+): the coordinator sees "
+        "masked updates only (secagg.enabled); default: on with --federation, off in "
+        "simulation")] = None,
     home: HomeOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Flower/Ray logs")] = False,
     as_json: JsonOpt = False,
@@ -133,6 +147,19 @@ def run(
         metavar="RUN_ID")] = None,
     run_id_opt: Annotated[str | None, typer.Option(
         "--run-id", help="id for the new run (default: time-based); must be unused")] = None,
+    # Deployment: submit to a running coordinator instead of simulating (fedllm/cli/deploy.py).
+    federation: Annotated[str | None, typer.Option(
+        "--federation", help="submit to this SuperLink connection (Flower's config; "
+        "--superlink creates it) instead of simulating")] = None,
+    superlink: Annotated[str | None, typer.Option(
+        "--superlink", help="with --federation: coordinator's Control API HOST:PORT")] = None,
+    root_certificates: Annotated[Path | None, typer.Option(
+        "--root-certificates", help="with --federation: the federation's ca.crt")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="with --federation: no TLS to the coordinator (explicit, warned)")
+    ] = False,
+    timeout: Annotated[float, typer.Option(
+        help="with --federation: seconds to wait for the run")] = 24 * 3600.0,
 ) -> None:
     """Federate DP-LoRA fine-tuning across simulated nodes and record it in the run store."""
     if resume:
@@ -153,8 +180,11 @@ def run(
         overrides.update({k: v for k, v in shortcuts.items() if v is not None})
         if no_dp:
             overrides.update({"privacy.enabled": False, "privacy.allow_no_dp": True})
-        if secagg:
-            overrides["secagg.enabled"] = True
+        deployed = federation is not None or superlink is not None
+        if secagg is not None:
+            overrides["secagg.enabled"] = secagg
+        elif deployed and "secagg.enabled" not in overrides:
+            overrides["secagg.enabled"] = True  # deployments: secure aggregation by default
         cfg = load_config(config, overrides)
     except ConfigError as e:
         raise err(str(e)) from None
@@ -173,6 +203,14 @@ def run(
                      f"({cfg.privacy.accountant})" if cfg.privacy.enabled else "DP OFF")
                   + (f", SecAgg+ (clip ±{cfg.secagg.clip:g}, {cfg.secagg.bits} bits)"
                      if cfg.secagg.enabled else ""))
+    if federation is not None or superlink is not None:
+        from fedllm.cli.deploy import submit_and_wait
+
+        # The nodes' data is theirs: only the coordinator's side is known here.
+        submit_and_wait(cfg, run_id, federation=federation or "fedllm", superlink=superlink,
+                        root_certificates=root_certificates, insecure=insecure,
+                        home=home_dir, console=console, as_json=as_json, timeout=timeout)
+        return
     from fedllm.coordinator import resolve_label_names
     from fedllm.node import check_simulation_data
 

@@ -67,8 +67,12 @@ def status(
     else:
         c.print(f"DP: target ε={run_info['target_epsilon']:g}, δ={run_info['delta']:g}, "
                 f"accountant {run_info['accountant']}")
-    if not run_info["secure_transport"]:
-        c.print("[yellow]no secure aggregation / TLS in this run (simulation)[/]")
+    if run_info["mode"] == "simulation":
+        c.print("transport: simulation, in-process [yellow](no secure aggregation / TLS)[/]")
+    elif run_info["secure_transport"]:
+        c.print("transport: TLS (deployment)")
+    else:
+        c.print("[bold red]transport: INSECURE, no TLS (deployment started with --insecure)[/]")
     c.print(f"model bytes {run_info['model_bytes']}, adapter bytes {run_info['adapter_bytes']},"
             f" adapter: {run_info['adapter_path']}")
     t = Table(title="rounds")

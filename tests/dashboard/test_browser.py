@@ -30,7 +30,7 @@ pytestmark = [
 PAGES = {
     "runs": ("", "Selected: "),
     "utility": ("utility", "Global model on the held-out set"),
-    "privacy": ("privacy", "No secure aggregation / TLS (simulation)"),
+    "privacy": ("privacy", "No secure aggregation."),
     "bias": ("bias", "Bias metrics appear here once recorded"),
     "audit": ("audit", "Participation per round"),
 }

@@ -87,7 +87,7 @@ def test_privacy_page(tiny_run: dict, open_page: Open) -> None:
     assert status["dp_enabled"] and not status["secure_transport"]
     assert not at.error  # DP was on
     assert len(at.warning) == 1
-    assert "No secure aggregation / TLS (simulation)" in at.warning[0].value
+    assert "No secure aggregation." in at.warning[0].value
     table = _frame_with(at, "ε spent (last recorded)").set_index("Node")
     last = _last_eps(status)
     assert sorted(table.index) == sorted(last) and len(last) == status["num_nodes"]
@@ -185,7 +185,7 @@ def test_live_run_refusals_and_extra_metrics(synthetic_home: dict, open_page: Op
     at = open_page(home, "privacy")  # newest run is the live one
     assert at.session_state[RUN_KEY] == "live-2"
     assert "live, refreshes every" in _texts(at)
-    assert "No secure aggregation / TLS (simulation)" in at.warning[0].value
+    assert "No secure aggregation." in at.warning[0].value
     table = _frame_with(at, "ε spent (last recorded)").set_index("Node")
     assert table.loc["node-0", "ε spent (last recorded)"] == 1.9
     assert table.loc["node-1", "ε spent (last recorded)"] == 1.6  # failed in round 2: no ε
