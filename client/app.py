@@ -28,7 +28,8 @@ def node_runtime() -> NodeRuntime:
     return NodeRuntime()
 
 
-def handle_train(msg: Message, context: Context, home: Path) -> Message:
+def handle_train(msg: Message, context: Context, home: Path, *, evaluate: bool = False
+                 ) -> Message:
     request = content_to_request(msg.content)
     if "partition-id" not in context.node_config:
         raise RuntimeError(
@@ -39,8 +40,8 @@ def handle_train(msg: Message, context: Context, home: Path) -> Message:
     name = f"node-{pid}"
     identity = NodeIdentity(name=name,
                             state_dir=home / "runs" / request.run_id / "nodes" / name)
-    reply = node_runtime().train(request, identity=identity,
-                                 data=simulated_node_data(request.config, pid))
+    handler = node_runtime().evaluate if evaluate else node_runtime().train
+    reply = handler(request, identity=identity, data=simulated_node_data(request.config, pid))
     return Message(reply_to_content(reply), reply_to=msg)
 
 
@@ -50,6 +51,11 @@ def make_client_app(home: Path) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, home)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        # The final global model, evaluated on each node's held-out split (counts only).
+        return handle_train(msg, context, home, evaluate=True)
 
     return app
 
@@ -61,3 +67,9 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     home = fedllm_home(str(context.run_config.get("fedllm-home", "") or "") or None)
     return handle_train(msg, context, home)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    home = fedllm_home(str(context.run_config.get("fedllm-home", "") or "") or None)
+    return handle_train(msg, context, home, evaluate=True)

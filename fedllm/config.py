@@ -65,6 +65,15 @@ class DataConfig(_Frozen):
     # Cap on examples read per file (0 = all); handy for quick runs on big files.
     max_examples: int = Field(0, ge=0)
     max_eval_examples: int = Field(0, ge=0)
+    # --- evaluation & bias (issue 4) ---
+    # Optional sensitive-attribute column (e.g. a demographic or a domain label) in the train and
+    # eval files. None = no group metrics (shown as "unavailable", never as 0).
+    group_column: str | None = None
+    # Simulation: fraction of each node's partition held out (deterministically, and taken out of
+    # its training set) on which the node evaluates the global adapter each round.
+    node_eval_fraction: float = Field(0.1, ge=0.0, lt=0.9)
+    # Free text on the data, written into the exported model card by the coordinator.
+    description: str = ""
 
     def resolved_train_paths(self) -> tuple[str, ...]:
         if self.train_paths:
@@ -131,6 +140,35 @@ class PrivacyConfig(_Frozen):
         return self.max_epsilon if self.max_epsilon is not None else self.target_epsilon
 
 
+class BiasConfig(_Frozen):
+    """Fairness thresholds: a metric beyond its threshold is *flagged* in the store, the report
+    and the dashboard (flags are warnings for auditors, they do not stop a run)."""
+
+    # Label whose prediction counts as "selected" (selection rate, TPR/FPR).
+    # None = the last label (e.g. "1" for SST-2's 0/1).
+    positive_label: str | None = None
+    demographic_parity_difference: float = Field(0.1, ge=0)
+    demographic_parity_ratio: float = Field(0.8, ge=0, le=1)  # flagged when *below*
+    equalized_odds_difference: float = Field(0.1, ge=0)
+    accuracy_gap: float = Field(0.1, ge=0)  # best group − worst group
+    node_accuracy_gap: float = Field(0.15, ge=0)  # best node − worst node
+    # Groups (or nodes) with fewer evaluated examples are reported but not used for gaps:
+    # a rate over a handful of examples is noise, and tiny cells are the most revealing.
+    min_group_size: int = Field(10, ge=1)
+    # Counterfactual probe: shipped templates with group terms swapped (seq-cls only).
+    probe: bool = True
+    probe_score_gap: float = Field(0.05, ge=0)  # mean |P(positive) gap| between groups
+    probe_flip_rate: float = Field(0.05, ge=0, le=1)  # share of templates whose label flips
+
+
+class EvalConfig(_Frozen):
+    # Bins of the calibration (ECE) and ROC-AUC score histograms nodes send.
+    bins: int = Field(20, ge=2, le=1000)
+    # causal-lm: coordinator-side prompts whose continuations are recorded each round.
+    prompts: tuple[str, ...] = ("The movie was", "I think that")
+    max_new_tokens: int = Field(20, ge=1, le=512)
+
+
 class RunConfig(_Frozen):
     name: str = "fedllm-run"
     seed: int = 42
@@ -141,6 +179,8 @@ class RunConfig(_Frozen):
     federation: FederationConfig = FederationConfig()
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    bias: BiasConfig = BiasConfig()
+    evaluation: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -186,6 +226,11 @@ class NodeDataConfig(_Frozen):
     text_column: str = "sentence"
     label_column: str | None = "label"  # None for causal-lm data
     max_examples: int = Field(0, ge=0)
+    # Held-out data the node evaluates the global adapter on (only counts leave the node):
+    # a separate file, or a deterministic fraction of `path` taken out of training.
+    eval_path: str | None = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=0.9)
+    group_column: str | None = None  # optional sensitive-attribute column (bias metrics)
 
 
 class NodePrivacyConfig(_Frozen):

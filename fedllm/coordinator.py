@@ -26,9 +26,9 @@ from fedllm.data import (
     read_table,
     tokenize,
 )
-from fedllm.evaluate import evaluate
 from fedllm.model import LoadedModel, load_model, resolve_device, save_adapter
 from fedllm.protocol import TrainReply, TrainRequest, state_bytes
+from fedllm.run_eval import RunEvaluator
 from fedllm.store import Store
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ class Transport(Protocol):
         """Send each request, return each node's reply or a failure reason (str)."""
         ...
 
+    # Optional: ``evaluate(requests, *, timeout) -> dict[int, TrainReply | str]`` sends
+    # evaluate-only requests (the final model); a transport without it skips that step.
+
 
 class RunObserver(Protocol):
     def round_started(self, rnd: int, num_nodes: int) -> None: ...
@@ -58,7 +61,7 @@ class RunObserver(Protocol):
 @dataclass
 class RoundReport:
     round: int
-    metrics: dict[str, float]
+    metrics: dict[str, float | None]
     nodes: list[dict[str, Any]] = field(default_factory=list)
     num_aggregated: int = 0
     seconds: float = 0.0
@@ -87,7 +90,7 @@ def eval_table(config: RunConfig) -> TextTable:
         d.resolved_eval_path(), text_column=d.eval_text_column or d.text_column,
         label_column=(d.eval_label_column or d.label_column)
         if config.model.task == "seq-cls" else None,
-        max_examples=d.max_eval_examples)
+        max_examples=d.max_eval_examples, group_column=d.group_column)
 
 
 def eval_dataset(config: RunConfig, loaded: LoadedModel, label_names: tuple[str, ...]
@@ -155,12 +158,14 @@ class Coordinator:
                 device=resolve_device(cfg.train.device), seed=cfg.seed,
             )
             eval_ds = eval_dataset(cfg, loaded, label_names)
+            self.evaluator = self._make_evaluator(label_names, eval_ds)
             global_state = loaded.adapter_state()
             model_bytes, adapter_bytes = loaded.full_model_bytes, state_bytes(global_state)
             self.store.update_run(self.run_id, model_bytes=model_bytes,
                                   adapter_bytes=adapter_bytes, label_names=label_names)
             t0 = time.time()
-            report = RoundReport(0, evaluate(loaded, eval_ds), seconds=time.time() - t0)
+            report = RoundReport(0, self.evaluator.global_model(0, loaded),
+                                 seconds=time.time() - t0)
             self.store.record_round(self.run_id, 0, started_at=t0, num_nodes=0,
                                     metrics=report.metrics, nodes=[])
             reports.append(report)
@@ -176,6 +181,7 @@ class Coordinator:
                 self.store.update_run(self.run_id, adapter_path=adapter_path)
                 if self.observer:
                     self.observer.round_finished(report)
+            self._final_node_evaluation(transport, global_state, label_names)
         except KeyboardInterrupt:
             self.store.finish_run(self.run_id, "interrupted", "interrupted by the user")
             raise
@@ -213,6 +219,9 @@ class Coordinator:
             {nid: request for nid in chosen}, timeout=fed.round_timeout,
             on_reply=lambda _nid: self.observer.node_replied(rnd) if self.observer else None,
         )
+        # Nodes evaluated the global model they received (round rnd - 1) before training.
+        self.evaluator.node_replies(rnd - 1, [r for r in replies.values()
+                                              if not isinstance(r, str)])
         rows: list[dict[str, Any]] = []
         accepted: list[tuple[dict[str, np.ndarray], float]] = []
         for nid in chosen:
@@ -239,7 +248,51 @@ class Coordinator:
             raise RunFailed(f"round {rnd}: no usable update from any node — {reasons}")
         new_state = fedavg(accepted)
         loaded.load_adapter_state(new_state)
-        metrics = evaluate(loaded, eval_ds)
+        metrics = self.evaluator.global_model(rnd, loaded)
         self.store.record_round(self.run_id, rnd, started_at=t0, num_nodes=len(accepted),
                                 metrics=metrics, nodes=rows)
         return new_state, RoundReport(rnd, metrics, rows, len(accepted), time.time() - t0)
+
+    # -- evaluation & bias (issue 4): see fedllm/run_eval.py ----------------------------------
+
+    def _make_evaluator(self, label_names: tuple[str, ...], eval_ds: TokenizedDataset
+                        ) -> RunEvaluator:
+        cfg = self.config
+        groups = eval_table(cfg).groups if cfg.data.group_column else None
+        if cfg.data.node_eval_fraction > 0 and self.mode == "simulation":
+            self._info("nodes evaluate the global model on a held-out "
+                       f"{cfg.data.node_eval_fraction:.0%} of their data and send aggregate "
+                       "counts (confusion matrices, loss sums, per-group counts): these "
+                       "aggregates are not covered by the DP guarantee of the training data")
+        return RunEvaluator(cfg, self.store, self.run_id, label_names=label_names,
+                            eval_dataset=eval_ds, eval_groups=groups,
+                            eval_source=cfg.data.resolved_eval_path())
+
+    def _info(self, message: str) -> None:
+        log.info(message)
+        self.store.add_event(self.run_id, "info", message)
+
+    def _final_node_evaluation(self, transport: Transport, global_state: dict[str, np.ndarray],
+                               label_names: tuple[str, ...]) -> None:
+        """Nodes evaluate the *final* global model too (an evaluate-only message), then flags
+        of the final model become warning events."""
+        cfg = self.config
+        last = cfg.federation.rounds
+        evaluate = getattr(transport, "evaluate", None)
+        if evaluate is not None:
+            ids = transport.node_ids(min_nodes=0, timeout=0.0)
+            request = TrainRequest(self.run_id, last, cfg, label_names, global_state)
+            replies = evaluate({nid: request for nid in ids},
+                               timeout=min(cfg.federation.round_timeout, 600.0))
+            failed = {nid: r for nid, r in replies.items() if isinstance(r, str)}
+            for nid, why in failed.items():
+                log.warning("final evaluation: node %s failed: %s", nid, why)
+            self.evaluator.node_replies(last, [r for r in replies.values()
+                                               if not isinstance(r, str)])
+        else:
+            self._info("this transport cannot send evaluate-only messages: the final model "
+                       "is evaluated coordinator-side only")
+        n = self.evaluator.flag_events(last)
+        if n:
+            log.warning("%d bias metric(s) flagged for the final model: fedllm report %s",
+                        n, self.run_id)

@@ -50,6 +50,11 @@ class NodeDataSpec:
     max_examples: int = 0
     # Simulation only: this node's share of a shared file: (scheme, alpha, seed, index, count).
     partition: tuple[str, float, int, int, int] | None = None
+    # Held-out split the node evaluates the received global adapter on (only counts leave):
+    # a separate file, else a deterministic fraction of the data taken out of training.
+    eval_fraction: float = 0.0
+    eval_path: str | None = None
+    group_column: str | None = None  # optional sensitive attribute (bias metrics)
 
 
 @dataclass(frozen=True)
@@ -65,20 +70,43 @@ def simulated_node_data(config: RunConfig, partition_id: int) -> NodeDataSpec:
     d = config.data
     label_col = d.label_column if config.model.task == "seq-cls" else None
     paths = d.resolved_train_paths()
+    held_out = {"eval_fraction": d.node_eval_fraction, "group_column": d.group_column}
     if config.partition.scheme == "files":
-        return NodeDataSpec(paths[partition_id], d.text_column, label_col, d.max_examples)
+        return NodeDataSpec(paths[partition_id], d.text_column, label_col, d.max_examples,
+                            **held_out)  # type: ignore[arg-type]
     return NodeDataSpec(
         paths[0], d.text_column, label_col, d.max_examples,
         partition=(config.partition.scheme, config.partition.alpha, config.seed, partition_id,
                    config.federation.num_nodes),
+        **held_out,  # type: ignore[arg-type]
     )
 
 
-def load_node_table(spec: NodeDataSpec, label_names: tuple[str, ...]
-                    ) -> tuple[TextTable, np.ndarray | None]:
-    """Read, validate and (in simulation) partition a node's data: (texts, label ids)."""
+@dataclass(frozen=True)
+class NodeTables:
+    """A node's training part and its held-out part (None when it has none)."""
+
+    train: TextTable
+    train_labels: np.ndarray | None
+    eval: TextTable | None
+    eval_labels: np.ndarray | None
+
+
+def eval_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, held-out) index split; the held-out part gets round(f·n) rows
+    (at least 1 when f > 0 and n > 1)."""
+    k = min(max(int(round(fraction * n)), 1 if fraction > 0 and n > 1 else 0), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def load_node_tables(spec: NodeDataSpec, label_names: tuple[str, ...]) -> NodeTables:
+    """Read, validate and (in simulation) partition a node's data, then hold out its eval
+    split. The split is seeded by the data's own fingerprint: the same data always splits the
+    same way, so the training set (and the ledger that follows it) is stable across runs."""
     table = read_table(spec.path, text_column=spec.text_column,
-                       label_column=spec.label_column, max_examples=spec.max_examples)
+                       label_column=spec.label_column, max_examples=spec.max_examples,
+                       group_column=spec.group_column)
     labels = encode_labels(table, label_names, spec.label_column) if spec.label_column else None
     if spec.partition is not None:
         scheme, alpha, seed, index, count = spec.partition
@@ -86,7 +114,26 @@ def load_node_table(spec: NodeDataSpec, label_names: tuple[str, ...]
                                  seed=seed, labels=labels, alpha=alpha)[index]
         table = subset(table, part)
         labels = None if labels is None else labels[part]
-    return table, labels
+    if spec.eval_path:
+        ev = read_table(spec.eval_path, text_column=spec.text_column,
+                        label_column=spec.label_column, max_examples=spec.max_examples,
+                        group_column=spec.group_column)
+        ev_labels = (encode_labels(ev, label_names, spec.label_column)
+                     if spec.label_column else None)
+        return NodeTables(table, labels, ev, ev_labels)
+    if spec.eval_fraction <= 0:
+        return NodeTables(table, labels, None, None)
+    train_idx, eval_idx = eval_split(len(table), spec.eval_fraction,
+                                     int(fingerprint(table, labels)[:8], 16))
+    return NodeTables(subset(table, train_idx), None if labels is None else labels[train_idx],
+                      subset(table, eval_idx), None if labels is None else labels[eval_idx])
+
+
+def load_node_table(spec: NodeDataSpec, label_names: tuple[str, ...]
+                    ) -> tuple[TextTable, np.ndarray | None]:
+    """A node's *training* data: (texts, label ids), its held-out split removed."""
+    t = load_node_tables(spec, label_names)
+    return t.train, t.train_labels
 
 
 def check_simulation_data(config: RunConfig, label_names: tuple[str, ...]) -> list[int]:
@@ -124,6 +171,9 @@ def _round_seed(secret: bytes, run_id: str, rnd: int) -> int:
 class _NodeData:
     dataset: TokenizedDataset
     fingerprint: str
+    eval_dataset: TokenizedDataset | None = None
+    eval_groups: list[str] | None = None
+    eval_note: str = ""  # why there is no held-out evaluation / no group counts
 
 
 class NodeRuntime:
@@ -152,12 +202,46 @@ class NodeRuntime:
              max_length: int) -> _NodeData:
         key = (spec, loaded.base_path, label_names, max_length)
         if key not in self._data:
-            table, labels = load_node_table(spec, label_names)
-            ds = tokenize(loaded.tokenizer, table.texts, labels, max_length=max_length)
+            t = load_node_tables(spec, label_names)
+            ds = tokenize(loaded.tokenizer, t.train.texts, t.train_labels, max_length=max_length)
+            nd = _NodeData(ds, fingerprint(t.train, t.train_labels))
+            if t.eval is None:
+                nd.eval_note = "no held-out split on this node"
+            else:
+                nd.eval_dataset = tokenize(loaded.tokenizer, t.eval.texts, t.eval_labels,
+                                           max_length=max_length)
+                nd.eval_groups = t.eval.groups
+                if spec.group_column and t.eval.groups is None:
+                    nd.eval_note = (f"{t.eval.path} has no group column "
+                                    f"{spec.group_column!r}")
             if len(self._data) >= 4:
                 self._data.pop(next(iter(self._data)))
-            self._data[key] = _NodeData(ds, fingerprint(table, labels))
+            self._data[key] = nd
         return self._data[key]
+
+    def _evaluate_received(self, loaded: LoadedModel, node_data: _NodeData, reply: TrainReply,
+                           bins: int) -> None:
+        """Evaluate the adapter as received (before any local training) on the held-out split
+        and put only aggregate counts in the reply."""
+        reply.eval_note = node_data.eval_note
+        if node_data.eval_dataset is None:
+            return
+        from fedllm.evaluate import evaluate_counts  # evaluation stage, imported lazily
+
+        counts = evaluate_counts(loaded, node_data.eval_dataset, groups=node_data.eval_groups,
+                                 bins=bins)
+        reply.eval_counts = counts.to_dict()
+
+    def evaluate(self, request: TrainRequest, *, identity: NodeIdentity,
+                 data: NodeDataSpec) -> TrainReply:
+        """Evaluate-only message (the final global model): counts of the held-out split."""
+        cfg = request.config
+        loaded = self.model(cfg, request.label_names)
+        loaded.load_adapter_state(request.arrays)
+        node_data = self.data(data, loaded, request.label_names, cfg.model.max_length)
+        reply = TrainReply(node=identity.name, status=STATUS_OK)
+        self._evaluate_received(loaded, node_data, reply, cfg.evaluation.bins)
+        return reply
 
     def train(self, request: TrainRequest, *, identity: NodeIdentity,
               data: NodeDataSpec) -> TrainReply:
@@ -172,6 +256,9 @@ class NodeRuntime:
         seed = _round_seed(secret, request.run_id, request.round)
         metrics: dict[str, float] = {}
         reply = TrainReply(node=identity.name, status=STATUS_OK)
+        # Node-side evaluation of the received global model rides on the train reply (one
+        # message per round); it spends no training ε: the held-out rows are never trained on.
+        self._evaluate_received(loaded, node_data, reply, cfg.evaluation.bins)
 
         dp: DPParams | None = None
         ledger: NodeLedger | None = None

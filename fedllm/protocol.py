@@ -44,6 +44,11 @@ class TrainReply:
     accountant: str = ""
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    # The node's evaluation of the adapter it *received* on its held-out split: aggregate
+    # counts only (fedllm.evaluate.EvalCounts.to_dict()), never predictions or texts.
+    # None = the node has no held-out split (eval_note says why).
+    eval_counts: dict[str, Any] | None = None
+    eval_note: str = ""
 
     @property
     def ok(self) -> bool:
