@@ -154,11 +154,11 @@ class BiasConfig(_Frozen):
     node_accuracy_gap: float = Field(0.15, ge=0)  # best node − worst node
     # Groups (or nodes) with fewer evaluated examples are reported but not used for gaps:
     # a rate over a handful of examples is noise, and tiny cells are the most revealing.
-    min_group_size: int = Field(10, ge=1)
+    min_group_size: int = Field(30, ge=1)
     # Counterfactual probe: shipped templates with group terms swapped (seq-cls only).
     probe: bool = True
-    probe_score_gap: float = Field(0.05, ge=0)  # mean |P(positive) gap| between groups
-    probe_flip_rate: float = Field(0.05, ge=0, le=1)  # share of templates whose label flips
+    probe_score_gap: float = Field(0.1, ge=0)  # mean |P(positive) gap| between groups
+    probe_flip_rate: float = Field(0.1, ge=0, le=1)  # share of templates whose label flips
 
 
 class EvalConfig(_Frozen):

@@ -9,8 +9,7 @@ import sys
 
 from rich.console import Console
 
-from fedllm.cli import run, runs  # noqa: F401  (registers commands, in this order)
-from fedllm.cli import report  # noqa: F401, I001  (report, export, predict, generate)
+from fedllm.cli import report, run, runs  # noqa: F401  (registers commands)
 from fedllm.cli.common import USER_ERRORS, app
 
 
