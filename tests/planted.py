@@ -82,24 +82,35 @@ def _name_rows(rng: np.random.Generator, n: int, *, planted: bool) -> list[tuple
     return rows
 
 
-def planted_run(tmp: Path, *, planted: bool, rounds: int = 3, n: int = 160,
-                overrides: dict | None = None) -> tuple[Store, RunSummary]:
-    """3 nodes; node-0 holds name-only data (planted or control), nodes 1-2 sentiment data."""
+def planted_files(tmp: Path, *, planted: bool, n: int) -> tuple[list[str], str]:
+    """(node files, coordinator eval file)."""
     rng = np.random.default_rng(0)
     tmp.mkdir(parents=True, exist_ok=True)
     files = [_write(tmp / "node0.csv", _name_rows(rng, n, planted=planted)),
              _write(tmp / "node1.csv", _sentiment_rows(rng, n)),
              _write(tmp / "node2.csv", _sentiment_rows(rng, n))]
     eval_rows = _sentiment_rows(rng, 60) + _name_rows(rng, 60, planted=planted)
-    eval_path = _write(tmp / "eval.csv", eval_rows)
-    cfg = load_config(None, {
+    return files, _write(tmp / "eval.csv", eval_rows)
+
+
+def planted_config(files: list[str], eval_path: str, rounds: int, **overrides: object
+                   ) -> RunConfig:
+    return load_config(None, {
         "data.train_paths": files, "data.eval_path": eval_path, "data.eval_text_column":
         "sentence", "data.group_column": "group", "data.node_eval_fraction": 0.25,
         "data.labels": ["0", "1"], "partition.scheme": "files", "federation.num_nodes": 3,
         "federation.rounds": rounds, "train.batch_size": 40, "train.physical_batch_size": 40,
         "train.local_epochs": 2, "train.learning_rate": 0.02,
         "privacy.noise_multiplier": 0.3, "privacy.target_epsilon": 1000.0,
-        "bias.min_group_size": 10, **(overrides or {})})
+        "bias.min_group_size": 10, **overrides})
+
+
+def planted_run(tmp: Path, *, planted: bool, rounds: int = 2, n: int = 100,
+                overrides: dict | None = None) -> tuple[Store, RunSummary]:
+    """3 nodes; node-0 holds name-only data (planted or control), nodes 1-2 sentiment data.
+    DP stays on (σ = 0.3, a loose budget) so the planted tie is learnt in 2 rounds."""
+    files, eval_path = planted_files(tmp, planted=planted, n=n)
+    cfg = planted_config(files, eval_path, rounds, **(overrides or {}))
     store = Store(tmp / "fedllm.db")
     run_id = "planted" if planted else "control"
     summary = Coordinator(cfg, store, run_id=run_id, home=tmp).run(
