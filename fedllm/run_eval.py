@@ -71,8 +71,9 @@ class RunEvaluator:
                 bias += group_metrics(counts.group_confusion, source=COORDINATOR,
                                       label_names=self.label_names, config=cfg.bias,
                                       unavailable=self._no_groups_reason(self.eval_source))
-        if self.task == "seq-cls" and cfg.bias.probe:
-            bias += run_probe(loaded, positive=self.positive, config=cfg.bias)
+        if cfg.bias.probe:  # causal-lm: recorded as unavailable (no label to flip)
+            positive = self.positive if self.task == "seq-cls" else 0
+            bias += run_probe(loaded, positive=positive, config=cfg.bias)
         self.store.record_evaluations(self.run_id, rnd, evaluations=evaluations,
                                       bias=[b.to_dict() for b in bias])
         return headline(metrics)
