@@ -89,8 +89,7 @@ def model_card(report: dict[str, Any]) -> str:
     biased it measured, and what that does not say."""
     r = report
     task = r["task"]
-    final_round = max((u["round"] for u in r["utility"]), default=None)
-    util_rows = [u for u in r["utility"] if u["round"] == final_round or u["source"] == "federated"]
+    util_rows = _latest_per_source(r["utility"])  # the final model, per source
     util_cols = [c for c in UTILITY_COLUMNS if any(c in u for u in util_rows)]
     dp = (f"DP-SGD (example-level), target ε = {r['target_epsilon']:g}, δ = {r['delta']:g}, "
           f"accountant `{r['accountant']}`" if r["dp_enabled"]
@@ -120,8 +119,8 @@ def model_card(report: dict[str, Any]) -> str:
              "are unavailable; only the cross-node spread and the counterfactual probe apply.",
         "", "## Privacy spent per node", "",
         _table(["node", "ε (cumulative)", "δ", "accountant", "last status"],
-               [[n["node_id"], n["epsilon"], n["delta"], n["accountant"], n["last_status"]]
-                for n in r["nodes"]]),
+               [[n["node_id"], n["epsilon"], f"{n['delta']:g}" if n["delta"] else None,
+                 n["accountant"], n["last_status"]] for n in r["nodes"]]),
         "", "## Utility", "",
         _table(["round", "source", "examples", *util_cols],
                [[u["round"], u["source"], u["num_examples"], *(u.get(c) for c in util_cols)]
