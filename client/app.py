@@ -55,12 +55,16 @@ def deployed_node(config_path: Path, request: TrainRequest, home: Path
                             task=request.config.model.task)
 
 
-def handle_train(msg: Message, context: Context, home: Path) -> Message:
-    return Message(reply_to_content(train_reply(msg, context, home)), reply_to=msg)
+def handle_train(msg: Message, context: Context, home: Path, *, evaluate: bool = False
+                 ) -> Message:
+    return Message(reply_to_content(train_reply(msg, context, home, evaluate=evaluate)),
+                   reply_to=msg)
 
 
-def train_reply(msg: Message, context: Context, home: Path) -> TrainReply:
-    """Train this node's round; the clear reply stays in the process (see client/secagg)."""
+def train_reply(msg: Message, context: Context, home: Path, *, evaluate: bool = False
+                ) -> TrainReply:
+    """Train (or, for the final model, only evaluate) this node's round; the clear reply stays
+    in the process when it is securely aggregated (see client/secagg)."""
     request = content_to_request(msg.content)
     if NODE_CONFIG_KEY in context.node_config:
         identity, data = deployed_node(Path(str(context.node_config[NODE_CONFIG_KEY])),
@@ -79,7 +83,8 @@ def train_reply(msg: Message, context: Context, home: Path) -> TrainReply:
             "this SuperNode has neither a 'node-config' (deployed node: start it with "
             "`fedllm node start --config node.toml`) nor a 'partition-id' (simulation)"
         )
-    return node_runtime().train(request, identity=identity, data=data)
+    handler = node_runtime().evaluate if evaluate else node_runtime().train
+    return handler(request, identity=identity, data=data)
 
 
 def register_secagg(app: ClientApp, train: Callable[[Message, Context], TrainReply]) -> None:
@@ -112,6 +117,11 @@ def make_client_app(home: Path, *, mods: list[Mod] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, home)
 
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        # The final global model, evaluated on each node's held-out split (counts only).
+        return handle_train(msg, context, home, evaluate=True)
+
     register_secagg(app, lambda m, c: train_reply(m, c, home))
     return app
 
@@ -130,6 +140,11 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     return handle_train(msg, context, context_home(context))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return handle_train(msg, context, context_home(context), evaluate=True)
 
 
 register_secagg(app, lambda m, c: train_reply(m, c, context_home(c)))

@@ -69,6 +69,11 @@ def load_ledger(run_id: str) -> list[dict[str, Any]]:
     return list(_read(lambda s: s.ledger(run_id)))
 
 
+def load_bias(run_id: str) -> list[dict[str, Any]]:
+    """``Store.get_bias(run_id)``: bias metric rows (group, node spread, probe) with flags."""
+    return list(_read(lambda s: s.get_bias(run_id)))
+
+
 def check_password() -> bool:
     """Optional access control. Off unless ``FEDLLM_DASHBOARD_PASSWORD_SHA256`` is set; then the
     SHA-256 hex digest of the entered password must match it (constant-time compare)."""

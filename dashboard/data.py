@@ -20,6 +20,8 @@ UTILITY_METRICS: dict[str, tuple[str, str]] = {
     "f1_macro": ("F1 (macro)", "Score (fraction, 0–1)"),
     "f1_weighted": ("F1 (weighted)", "Score (fraction, 0–1)"),
     "perplexity": ("Perplexity", "Perplexity (exp of loss per token)"),
+    "roc_auc": ("ROC-AUC", "Score (fraction, 0–1)"),
+    "ece": ("ECE", "Expected calibration error (fraction, 0–1)"),
 }
 SCORE_METRICS = ("accuracy", "f1_macro", "f1_weighted")
 NODE_STATUSES = ("ok", "refused", "failed", "rejected")
@@ -246,3 +248,72 @@ def events_frame(run: Mapping[str, Any]) -> pd.DataFrame:
     rows = [{"Time": fmt_time(e.get("time")), "Level": e.get("level"), "Message": e.get("message")}
             for e in run.get("events", [])]
     return pd.DataFrame(rows, columns=["Time", "Level", "Message"])
+
+
+# -- bias metrics (store.get_bias rows) -------------------------------------------------------
+
+BIAS_SOURCES = {"federated": "Nodes' held-out splits (summed counts)",
+                "coordinator": "Coordinator's held-out file", "nodes": "Across organisations",
+                "probe": "Counterfactual probe"}
+GROUP_RATES = {"group_size": "Examples", "group_accuracy": "Accuracy",
+               "group_selection_rate": "Selection rate", "group_tpr": "TPR",
+               "group_fpr": "FPR"}
+
+
+def latest_bias(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Rows of the latest round each source recorded (nodes' rows of the final model arrive
+    after the coordinator's)."""
+    rows = list(rows)
+    last: dict[str, int] = {}
+    for r in rows:
+        last[r["source"]] = max(last.get(r["source"], -1), r["round"])
+    return [r for r in rows if r["round"] == last[r["source"]]]
+
+
+def bias_summary_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Aggregate bias metrics (not per-group detail), flagged first; unavailable shown as such."""
+    out = []
+    for r in rows:
+        if r["metric"] in GROUP_RATES or r["metric"] in ("probe_group_score", "node_accuracy"):
+            continue
+        out.append({"Flag": "FLAGGED" if r["flagged"] else "", "Round": r["round"],
+                    "Source": BIAS_SOURCES.get(r["source"], r["source"]),
+                    "Metric": r["metric"], "Group / category": r["group"] or "",
+                    "Value": r["value"] if r["value"] is not None else None,
+                    "Status": "available" if r["value"] is not None else "unavailable",
+                    "Threshold": r["threshold"], "Note": r["note"]})
+    cols = ["Flag", "Round", "Source", "Metric", "Group / category", "Value", "Status",
+            "Threshold", "Note"]
+    df = pd.DataFrame(out, columns=cols)
+    if df.empty:
+        return df
+    df["_order"] = (df["Flag"] == "") * 2 + (df["Status"] == "unavailable")
+    return df.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def group_rates_frame(rows: Iterable[Mapping[str, Any]], source: str) -> pd.DataFrame:
+    """Per-group accuracy, selection rate, TPR, FPR of one source: one row per group."""
+    by_group: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["source"] == source and r["metric"] in GROUP_RATES:
+            by_group.setdefault(r["group"], {"Group": r["group"]})[GROUP_RATES[r["metric"]]] = \
+                r["value"]
+    return pd.DataFrame(list(by_group.values()), columns=["Group", *GROUP_RATES.values()])
+
+
+def probe_scores_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Mean P(positive) per probe group: category, group, score."""
+    out = []
+    for r in rows:
+        if r["metric"] == "probe_group_score" and r["group"]:
+            cat, _, grp = r["group"].partition("/")
+            out.append({"Category": cat, "Group": grp, "Mean P(positive)": r["value"]})
+    return pd.DataFrame(out, columns=["Category", "Group", "Mean P(positive)"])
+
+
+def node_accuracy_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Each node's accuracy on its own held-out split, per round of the evaluated model."""
+    out = [{"Round": r["round"], "Node": r["group"], "Accuracy": r["value"],
+            "Examples": r["note"]}
+           for r in rows if r["source"] == "nodes" and r["metric"] == "node_accuracy"]
+    return pd.DataFrame(out, columns=["Round", "Node", "Accuracy", "Examples"])

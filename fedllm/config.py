@@ -90,6 +90,15 @@ class DataConfig(_Frozen):
     # examples per user at each node (0 = no cap). Without a user column user-level ε is unknown.
     user_column: str | None = None
     max_examples_per_user: int = Field(0, ge=0)
+    # --- evaluation & bias (issue 4) ---
+    # Optional sensitive-attribute column (e.g. a demographic or a domain label) in the train and
+    # eval files. None = no group metrics (shown as "unavailable", never as 0).
+    group_column: str | None = None
+    # Simulation: fraction of each node's partition held out (deterministically, and taken out of
+    # its training set) on which the node evaluates the global adapter each round.
+    node_eval_fraction: float = Field(0.1, ge=0.0, lt=0.9)
+    # Free text on the data, written into the exported model card by the coordinator.
+    description: str = ""
 
     def resolved_train_paths(self) -> tuple[str, ...]:
         if self.train_paths:
@@ -202,6 +211,35 @@ class SecAggConfig(_Frozen):
     stage_timeout: float = Field(300.0, gt=0)  # seconds per key/mask/unmask stage
 
 
+class BiasConfig(_Frozen):
+    """Fairness thresholds: a metric beyond its threshold is *flagged* in the store, the report
+    and the dashboard (flags are warnings for auditors, they do not stop a run)."""
+
+    # Label whose prediction counts as "selected" (selection rate, TPR/FPR).
+    # None = the last label (e.g. "1" for SST-2's 0/1).
+    positive_label: str | None = None
+    demographic_parity_difference: float = Field(0.1, ge=0)
+    demographic_parity_ratio: float = Field(0.8, ge=0, le=1)  # flagged when *below*
+    equalized_odds_difference: float = Field(0.1, ge=0)
+    accuracy_gap: float = Field(0.1, ge=0)  # best group − worst group
+    node_accuracy_gap: float = Field(0.15, ge=0)  # best node − worst node
+    # Groups (or nodes) with fewer evaluated examples are reported but not used for gaps:
+    # a rate over a handful of examples is noise, and tiny cells are the most revealing.
+    min_group_size: int = Field(30, ge=1)
+    # Counterfactual probe: shipped templates with group terms swapped (seq-cls only).
+    probe: bool = True
+    probe_score_gap: float = Field(0.1, ge=0)  # mean |P(positive) gap| between groups
+    probe_flip_rate: float = Field(0.1, ge=0, le=1)  # share of templates whose label flips
+
+
+class EvalConfig(_Frozen):
+    # Bins of the calibration (ECE) and ROC-AUC score histograms nodes send.
+    bins: int = Field(20, ge=2, le=1000)
+    # causal-lm: coordinator-side prompts whose continuations are recorded each round.
+    prompts: tuple[str, ...] = ("The movie was", "I think that")
+    max_new_tokens: int = Field(20, ge=1, le=512)
+
+
 class RunConfig(_Frozen):
     name: str = "fedllm-run"
     seed: int = 42
@@ -216,6 +254,8 @@ class RunConfig(_Frozen):
     # Simulated nodes' redaction (off by default: the demo data is public text).
     redaction: RedactionConfig = RedactionConfig(enabled=False)
     secagg: SecAggConfig = SecAggConfig()
+    bias: BiasConfig = BiasConfig()
+    evaluation: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -285,6 +325,11 @@ class NodeContributionConfig(_Frozen):
     # At most this many examples of one user are trained on (a fixed, secret-seeded subsample
     # per user); 0 = no cap. Needs data.user_column.
     max_examples_per_user: int = Field(0, ge=0)
+    # Held-out data the node evaluates the global adapter on (only counts leave the node):
+    # a separate file, or a deterministic fraction of `path` taken out of training.
+    eval_path: str | None = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=0.9)
+    group_column: str | None = None  # optional sensitive-attribute column (bias metrics)
 
 
 class NodePrivacyConfig(_Frozen):

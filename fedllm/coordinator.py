@@ -38,7 +38,6 @@ from fedllm.data import (
     read_table,
     tokenize,
 )
-from fedllm.evaluate import evaluate
 from fedllm.model import LoadedModel, load_model, resolve_device, save_adapter
 from fedllm.privacy import CentralPlan, compute_epsilon, plan_central_dp
 from fedllm.protocol import (
@@ -50,6 +49,7 @@ from fedllm.protocol import (
     state_digest,
     unpack_state,
 )
+from fedllm.run_eval import RunEvaluator
 from fedllm.secagg import SecureRoundResult
 from fedllm.store import CENTRAL_LEDGER_ID, Store
 
@@ -81,6 +81,9 @@ class Transport(Protocol):
         mean of the updates only (fedllm/secagg.py)."""
         ...
 
+    # Optional: ``evaluate(requests, *, timeout) -> dict[int, TrainReply | str]`` sends
+    # evaluate-only requests (the final model); a transport without it skips that step.
+
 
 class RunObserver(Protocol):
     def round_started(self, rnd: int, num_nodes: int) -> None: ...
@@ -91,7 +94,7 @@ class RunObserver(Protocol):
 @dataclass
 class RoundReport:
     round: int
-    metrics: dict[str, float]
+    metrics: dict[str, float | None]
     nodes: list[dict[str, Any]] = field(default_factory=list)
     num_aggregated: int = 0
     seconds: float = 0.0
@@ -152,7 +155,7 @@ def eval_table(config: RunConfig) -> TextTable:
         d.resolved_eval_path(), text_column=d.eval_text_column or d.text_column,
         label_column=(d.eval_label_column or d.label_column)
         if config.model.task == "seq-cls" else None,
-        max_examples=d.max_eval_examples)
+        max_examples=d.max_eval_examples, group_column=d.group_column)
 
 
 def eval_dataset(config: RunConfig, loaded: LoadedModel, label_names: tuple[str, ...]
@@ -218,6 +221,7 @@ class Coordinator:
                 device=resolve_device(cfg.train.device), seed=cfg.seed,
             )
             eval_ds = eval_dataset(cfg, loaded, label_names)
+            self.evaluator = self._make_evaluator(label_names, eval_ds)
             if global_state is None:
                 global_state = loaded.adapter_state()
             else:
@@ -235,7 +239,8 @@ class Coordinator:
                     noise_multiplier=c.noise_multiplier)
             if start_round == 0:
                 t0 = time.time()
-                report = RoundReport(0, evaluate(loaded, eval_ds), seconds=time.time() - t0)
+                report = RoundReport(0, self.evaluator.global_model(0, loaded),
+                                     seconds=time.time() - t0)
                 self.store.record_round(
                     self.run_id, 0, started_at=t0, num_nodes=0, metrics=report.metrics,
                     nodes=[], checkpoint=pack_state(global_state),
@@ -247,6 +252,7 @@ class Coordinator:
                     self.observer.round_finished(report)
                 start_round = 1
             out_dir = run_dir(self.home, self.run_id) / "adapter"
+            last_round = start_round - 1
             for rnd in range(start_round, cfg.federation.rounds + 1):
                 if self.should_stop():
                     raise RunInterrupted(f"interrupted by the user before round {rnd}")
@@ -262,6 +268,8 @@ class Coordinator:
                 self.store.update_run(self.run_id, adapter_path=adapter_path)
                 if self.observer:
                     self.observer.round_finished(report)
+                last_round = rnd
+            self._final_node_evaluation(transport, global_state, label_names, last_round)
         except (KeyboardInterrupt, RunInterrupted) as e:
             self._end("interrupted", str(e) or "interrupted by the user")
             raise
@@ -350,7 +358,7 @@ class Coordinator:
                                          entries=reply.ledger)
             if att.new_state is not None:
                 loaded.load_adapter_state(att.new_state)
-                metrics = evaluate(loaded, eval_ds)
+                metrics = self.evaluator.global_model(rnd, loaded)
                 digest = state_digest(att.new_state)
                 att.audit.append(("coordinator", "round_completed", {
                     "round": rnd, "attempt": attempt, "metrics": metrics,
@@ -419,6 +427,9 @@ class Coordinator:
             {nid: request for nid in chosen}, timeout=fed.round_timeout,
             on_reply=lambda _nid: self.observer.node_replied(rnd) if self.observer else None,
         ) if chosen else {}
+        # Nodes evaluated the global model they received (round rnd - 1) before training.
+        self.evaluator.node_replies(rnd - 1, [r for r in replies.values()
+                                              if not isinstance(r, str)])
         rows: list[dict[str, Any]] = []
         audit: list[tuple[str, str, dict[str, Any]]] = []
         ledgers: list[tuple[str, TrainReply]] = []
@@ -517,6 +528,8 @@ class Coordinator:
             {nid: request for nid in chosen}, timeout=fed.round_timeout,
             on_reply=lambda _nid: self.observer.node_replied(rnd) if self.observer else None,
         ) if chosen else SecureRoundResult(replies={})
+        self.evaluator.node_replies(rnd - 1, [r for r in result.replies.values()
+                                              if not isinstance(r, str)])
         rows: list[dict[str, Any]] = []
         audit: list[tuple[str, str, dict[str, Any]]] = []
         ledgers: list[tuple[str, TrainReply]] = []
@@ -587,3 +600,46 @@ class Coordinator:
         if new_state is not None and not all(np.isfinite(a).all() for a in new_state.values()):
             raise RunFailed(f"round {rnd}: the aggregate is not finite")
         return _Attempt(rows, new_state, len(aggregated), audit, ledgers)
+
+    # -- evaluation & bias (issue 4): see fedllm/run_eval.py ----------------------------------
+
+    def _make_evaluator(self, label_names: tuple[str, ...], eval_ds: TokenizedDataset
+                        ) -> RunEvaluator:
+        cfg = self.config
+        groups = eval_table(cfg).groups if cfg.data.group_column else None
+        if cfg.data.node_eval_fraction > 0 and self.mode == "simulation":
+            self._info("nodes evaluate the global model on a held-out "
+                       f"{cfg.data.node_eval_fraction:.0%} of their data and send aggregate "
+                       "counts (confusion matrices, loss sums, per-group counts): these "
+                       "aggregates are not covered by the DP guarantee of the training data")
+        return RunEvaluator(cfg, self.store, self.run_id, label_names=label_names,
+                            eval_dataset=eval_ds, eval_groups=groups,
+                            eval_source=cfg.data.resolved_eval_path())
+
+    def _info(self, message: str) -> None:
+        log.info(message)
+        self.store.add_event(self.run_id, "info", message)
+
+    def _final_node_evaluation(self, transport: Transport, global_state: dict[str, np.ndarray],
+                               label_names: tuple[str, ...], last: int) -> None:
+        """Nodes evaluate the *final* global model too (an evaluate-only message), then flags
+        of the final model become warning events."""
+        cfg = self.config
+        evaluate = getattr(transport, "evaluate", None)
+        if evaluate is not None:
+            ids = transport.node_ids(min_nodes=0, timeout=0.0)
+            request = TrainRequest(self.run_id, last, cfg, label_names, global_state)
+            replies = evaluate({nid: request for nid in ids},
+                               timeout=min(cfg.federation.round_timeout, 600.0))
+            failed = {nid: r for nid, r in replies.items() if isinstance(r, str)}
+            for nid, why in failed.items():
+                log.warning("final evaluation: node %s failed: %s", nid, why)
+            self.evaluator.node_replies(last, [r for r in replies.values()
+                                               if not isinstance(r, str)])
+        else:
+            self._info("this transport cannot send evaluate-only messages: the final model "
+                       "is evaluated coordinator-side only")
+        n = self.evaluator.flag_events(last)
+        if n:
+            log.warning("%d bias metric(s) flagged for the final model: fedllm report %s",
+                        n, self.run_id)

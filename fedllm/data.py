@@ -22,6 +22,9 @@ from torch.utils.data import Dataset
 Task = Literal["seq-cls", "causal-lm"]
 
 
+MISSING_GROUP = "(missing)"
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file and the line/column."""
 
@@ -37,6 +40,9 @@ class TextTable:
     lines: list[int]
     # Each row's user/customer id when a user column was read (per-user contribution bounds).
     user_ids: list[str] | None = None
+    # Sensitive-attribute value per row when a group column was asked for *and* the file has
+    # it; None otherwise (the caller reports group metrics as unavailable, never as 0).
+    groups: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -91,9 +97,14 @@ def read_table(
     label_column: str | None,
     max_examples: int = 0,
     user_column: str | None = None,
+    group_column: str | None = None,
 ) -> TextTable:
     """Read a CSV/TSV/JSONL file; ``label_column=None`` for causal-lm (text only);
-    ``user_column`` names the column of user/customer ids (optional)."""
+    ``user_column`` names the column of user/customer ids (optional).
+
+    ``group_column`` is optional by design: a file without it yields ``groups=None`` (some
+    organisations do not record the attribute); an empty cell is the group ``MISSING_GROUP``.
+    """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
@@ -137,7 +148,15 @@ def read_table(
         lines.append(line)
     if not texts:
         raise DataError(f"{p}: no examples (only a header or blank lines)")
-    return TextTable(str(p), texts, labels, lines, users)
+    groups: list[str] | None = None
+    if group_column and (header is None or group_column in header):
+        # Every row before the max_examples cut was kept (bad rows raise), in read order;
+        # JSONL rows may lack the key (-> missing group).
+        kept = [row for _, row in rows[: len(lines)]]
+        groups = [str(row.get(group_column) or "").strip() or MISSING_GROUP for row in kept]
+        if header is None and all(g == MISSING_GROUP for g in groups):
+            groups = None  # a JSONL file that never has the key: column absent
+    return TextTable(str(p), texts, labels, lines, users, groups)
 
 
 def infer_label_names(table: TextTable) -> tuple[str, ...]:
@@ -220,6 +239,7 @@ def subset(table: TextTable, idx: np.ndarray) -> TextTable:
         None if table.raw_labels is None else [table.raw_labels[i] for i in idx],
         [table.lines[i] for i in idx],
         None if table.user_ids is None else [table.user_ids[i] for i in idx],
+        None if table.groups is None else [table.groups[i] for i in idx],
     )
 
 

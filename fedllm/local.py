@@ -37,6 +37,18 @@ class LocalTransport:
         return self.runtime.train(request, identity=identity,
                                   data=simulated_node_data(request.config, pid))
 
+    def evaluate(self, requests: dict[int, TrainRequest], *, timeout: float
+                 ) -> dict[int, TrainReply | str]:
+        """Evaluate-only requests (the final global model) on each node's held-out split."""
+        out: dict[int, TrainReply | str] = {}
+        for nid, req in requests.items():
+            pid = nid - 1
+            identity = NodeIdentity(name=f"node-{pid}",
+                                    state_dir=simulated_state_dir(self.home, req.run_id, pid))
+            out[nid] = self.runtime.evaluate(req, identity=identity,
+                                             data=simulated_node_data(req.config, pid))
+        return out
+
     def train(self, requests: dict[int, TrainRequest], *, timeout: float,
               on_reply: Callable[[int], None]) -> dict[int, TrainReply | str]:
         out: dict[int, TrainReply | str] = {}

@@ -67,6 +67,11 @@ class NodeDataSpec:
     user_column: str | None = None
     max_examples_per_user: int = 0
     redaction: RedactionConfig | None = None
+    # Held-out split the node evaluates the received global adapter on (only counts leave):
+    # a separate file, else a deterministic fraction of the data taken out of training.
+    eval_fraction: float = 0.0
+    eval_path: str | None = None
+    group_column: str | None = None  # optional sensitive attribute (bias metrics)
 
 
 @dataclass(frozen=True)
@@ -91,17 +96,18 @@ def simulated_node_data(config: RunConfig, partition_id: int) -> NodeDataSpec:
     d = config.data
     label_col = d.label_column if config.model.task == "seq-cls" else None
     paths = d.resolved_train_paths()
-    protection: dict[str, object] = dict(
+    extra: dict[str, object] = dict(
         user_column=d.user_column, max_examples_per_user=d.max_examples_per_user,
-        redaction=config.redaction if config.redaction.enabled else None)
+        redaction=config.redaction if config.redaction.enabled else None,
+        eval_fraction=d.node_eval_fraction, group_column=d.group_column)
     if config.partition.scheme == "files":
         return NodeDataSpec(paths[partition_id], d.text_column, label_col, d.max_examples,
-                            **protection)  # type: ignore[arg-type]
+                            **extra)  # type: ignore[arg-type]
     return NodeDataSpec(
         paths[0], d.text_column, label_col, d.max_examples,
         partition=(config.partition.scheme, config.partition.alpha, config.seed, partition_id,
                    config.federation.num_nodes),
-        **protection,  # type: ignore[arg-type]
+        **extra,  # type: ignore[arg-type]
     )
 
 
@@ -109,6 +115,8 @@ def simulated_state_dir(home: Path, run_id: str, partition_id: int) -> Path:
     """Where virtual node ``partition_id`` of a simulated run keeps its ledger, secret and
     releases (one layout for the Flower simulation and the in-process federation)."""
     return home / "runs" / run_id / "nodes" / f"node-{partition_id}"
+
+
 def deployed_node(config: NodeConfig, home: str | Path | None = None, *,
                   base_dir: Path | None = None, task: str = "seq-cls"
                   ) -> tuple[NodeIdentity, NodeDataSpec]:
@@ -142,12 +150,32 @@ def open_node_state(identity: NodeIdentity) -> SealedDir:
     return SealedDir(identity.state_dir, load_key(identity.key_file))
 
 
-def load_node_table(spec: NodeDataSpec, label_names: tuple[str, ...]
-                    ) -> tuple[TextTable, np.ndarray | None]:
-    """Read, validate and (in simulation) partition a node's data: (texts, label ids)."""
+
+@dataclass(frozen=True)
+class NodeTables:
+    """A node's training part and its held-out part (None when it has none)."""
+
+    train: TextTable
+    train_labels: np.ndarray | None
+    eval: TextTable | None
+    eval_labels: np.ndarray | None
+
+
+def eval_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, held-out) index split; the held-out part gets round(f·n) rows
+    (at least 1 when f > 0 and n > 1)."""
+    k = min(max(int(round(fraction * n)), 1 if fraction > 0 and n > 1 else 0), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def load_node_tables(spec: NodeDataSpec, label_names: tuple[str, ...]) -> NodeTables:
+    """Read, validate and (in simulation) partition a node's data, then hold out its eval
+    split. The split is seeded by the data's own fingerprint: the same data always splits the
+    same way, so the training set (and the ledger that follows it) is stable across runs."""
     table = read_table(spec.path, text_column=spec.text_column,
                        label_column=spec.label_column, max_examples=spec.max_examples,
-                       user_column=spec.user_column)
+                       user_column=spec.user_column, group_column=spec.group_column)
     labels = encode_labels(table, label_names, spec.label_column) if spec.label_column else None
     if spec.partition is not None:
         scheme, alpha, seed, index, count = spec.partition
@@ -155,7 +183,26 @@ def load_node_table(spec: NodeDataSpec, label_names: tuple[str, ...]
                                  seed=seed, labels=labels, alpha=alpha)[index]
         table = subset(table, part)
         labels = None if labels is None else labels[part]
-    return table, labels
+    if spec.eval_path:
+        ev = read_table(spec.eval_path, text_column=spec.text_column,
+                        label_column=spec.label_column, max_examples=spec.max_examples,
+                        group_column=spec.group_column)
+        ev_labels = (encode_labels(ev, label_names, spec.label_column)
+                     if spec.label_column else None)
+        return NodeTables(table, labels, ev, ev_labels)
+    if spec.eval_fraction <= 0:
+        return NodeTables(table, labels, None, None)
+    train_idx, eval_idx = eval_split(len(table), spec.eval_fraction,
+                                     int(fingerprint(table, labels)[:8], 16))
+    return NodeTables(subset(table, train_idx), None if labels is None else labels[train_idx],
+                      subset(table, eval_idx), None if labels is None else labels[eval_idx])
+
+
+def load_node_table(spec: NodeDataSpec, label_names: tuple[str, ...]
+                    ) -> tuple[TextTable, np.ndarray | None]:
+    """A node's *training* data: (texts, label ids), its held-out split removed."""
+    t = load_node_tables(spec, label_names)
+    return t.train, t.train_labels
 
 
 def check_simulation_data(config: RunConfig, label_names: tuple[str, ...]) -> list[int]:
@@ -201,6 +248,9 @@ class _NodeData:
     user_cap: int | None = None  # examples per user bound; None = unbounded/unknown
     num_users: int | None = None
     redactions: dict[str, int] | None = None
+    eval_dataset: TokenizedDataset | None = None
+    eval_groups: list[str] | None = None
+    eval_note: str = ""  # why there is no held-out evaluation / no group counts
 
 
 def protect_table(table: TextTable, labels: np.ndarray | None, spec: NodeDataSpec, *,
@@ -223,7 +273,8 @@ def protect_table(table: TextTable, labels: np.ndarray | None, spec: NodeDataSpe
         for note in redactor.notes:
             log.warning("redaction at this node: %s", note)
         res = redact_texts(redactor, table.texts)
-        table = TextTable(table.path, res.texts, table.raw_labels, table.lines, table.user_ids)
+        table = TextTable(table.path, res.texts, table.raw_labels, table.lines, table.user_ids,
+                          table.groups)
         info.redactions = res.counts
     return table, labels, info
 
@@ -255,13 +306,49 @@ class NodeRuntime:
         key = (spec, loaded.base_path, label_names, max_length,
                hashlib.sha256(secret).hexdigest())
         if key not in self._data:
-            table, labels = load_node_table(spec, label_names)
-            table, labels, info = protect_table(table, labels, spec, secret=secret)
-            info.dataset = tokenize(loaded.tokenizer, table.texts, labels, max_length=max_length)
+            t = load_node_tables(spec, label_names)
+            # Per-user cap and redaction apply to what is trained on; the fingerprint (the
+            # ledger's key) is taken from the raw training rows before them.
+            table, labels, nd = protect_table(t.train, t.train_labels, spec, secret=secret)
+            nd.dataset = tokenize(loaded.tokenizer, table.texts, labels, max_length=max_length)
+            if t.eval is None:
+                nd.eval_note = "no held-out split on this node"
+            else:
+                nd.eval_dataset = tokenize(loaded.tokenizer, t.eval.texts, t.eval_labels,
+                                           max_length=max_length)
+                nd.eval_groups = t.eval.groups
+                if spec.group_column and t.eval.groups is None:
+                    nd.eval_note = (f"{t.eval.path} has no group column "
+                                    f"{spec.group_column!r}")
             if len(self._data) >= 4:
                 self._data.pop(next(iter(self._data)))
-            self._data[key] = info
+            self._data[key] = nd
         return self._data[key]
+
+    def _evaluate_received(self, loaded: LoadedModel, node_data: _NodeData, reply: TrainReply,
+                           bins: int) -> None:
+        """Evaluate the adapter as received (before any local training) on the held-out split
+        and put only aggregate counts in the reply."""
+        reply.eval_note = node_data.eval_note
+        if node_data.eval_dataset is None:
+            return
+        from fedllm.evaluate import evaluate_counts  # evaluation stage, imported lazily
+
+        counts = evaluate_counts(loaded, node_data.eval_dataset, groups=node_data.eval_groups,
+                                 bins=bins)
+        reply.eval_counts = counts.to_dict()
+
+    def evaluate(self, request: TrainRequest, *, identity: NodeIdentity,
+                 data: NodeDataSpec) -> TrainReply:
+        """Evaluate-only message (the final global model): counts of the held-out split."""
+        cfg = request.config
+        loaded = self.model(cfg, request.label_names)
+        loaded.load_adapter_state(request.arrays)
+        node_data = self.data(data, loaded, request.label_names, cfg.model.max_length,
+                              secret=node_secret(identity.state_dir))
+        reply = TrainReply(node=identity.name, status=STATUS_OK)
+        self._evaluate_received(loaded, node_data, reply, cfg.evaluation.bins)
+        return reply
 
     def train(self, request: TrainRequest, *, identity: NodeIdentity,
               data: NodeDataSpec) -> TrainReply:
@@ -286,6 +373,9 @@ class NodeRuntime:
         seed = _round_seed(secret, request.run_id, request.round)
         metrics: dict[str, float] = {}
         _protection_metrics(metrics, node_data)
+        # Node-side evaluation of the received global model rides on the train reply (one
+        # message per round); it spends no training ε: the held-out rows are never trained on.
+        self._evaluate_received(loaded, node_data, reply, cfg.evaluation.bins)
 
         dp: DPParams | None = None
         ledger: NodeLedger | None = None

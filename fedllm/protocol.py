@@ -57,6 +57,11 @@ class TrainReply:
     # The node's whole ledger for its dataset (LedgerEntry dicts), so the run store keeps a
     # copy; the node's own file remains the authority.
     ledger: list[dict[str, Any]] = field(default_factory=list)
+    # The node's evaluation of the adapter it *received* on its held-out split: aggregate
+    # counts only (fedllm.evaluate.EvalCounts.to_dict()), never predictions or texts.
+    # None = the node has no held-out split (eval_note says why).
+    eval_counts: dict[str, Any] | None = None
+    eval_note: str = ""
 
     @property
     def ok(self) -> bool:

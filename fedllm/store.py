@@ -125,6 +125,31 @@ CREATE TABLE IF NOT EXISTS node_redactions (
     count INTEGER NOT NULL,
     PRIMARY KEY (run_id, round, node_id, entity)
 );
+-- Evaluation detail per round and source (issue 4). round = the global model version evaluated
+-- (nodes evaluate the model they receive, so node rows of round r arrive with round r + 1).
+CREATE TABLE IF NOT EXISTS evaluations (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    source TEXT NOT NULL,                -- 'coordinator' | 'federated' (sum of nodes) | 'node'
+    node_id TEXT NOT NULL DEFAULT '',    -- the node for source 'node', else ''
+    num_examples INTEGER NOT NULL,
+    metrics_json TEXT NOT NULL,          -- every utility metric (null = not computable)
+    counts_json TEXT,                    -- the aggregate counts the metrics came from
+    samples_json TEXT,                   -- causal-lm: [{prompt, text}] generated samples
+    PRIMARY KEY (run_id, round, source, node_id)
+);
+CREATE TABLE IF NOT EXISTS bias_metrics (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    source TEXT NOT NULL,                -- 'federated' | 'coordinator' | 'nodes' | 'probe'
+    metric TEXT NOT NULL,
+    grp TEXT NOT NULL DEFAULT '',        -- group / node / probe category of per-group rows
+    value REAL,                          -- NULL = unavailable (see note)
+    threshold REAL,
+    flagged INTEGER NOT NULL DEFAULT 0,
+    note TEXT,
+    PRIMARY KEY (run_id, round, source, metric, grp)
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id TEXT NOT NULL,
@@ -252,7 +277,7 @@ class Store:
         self.update_run(run_id, state=state, error=error, finished_at=time.time())
 
     def record_round(self, run_id: str, rnd: int, *, started_at: float, num_nodes: int,
-                     metrics: dict[str, float], nodes: list[dict[str, Any]],
+                     metrics: dict[str, float | None], nodes: list[dict[str, Any]],
                      audit: Sequence[tuple[str, str, dict[str, Any]]] = (),
                      checkpoint: bytes | None = None) -> None:
         """One transaction: the round's global metrics, every node's result, the round's audit
@@ -317,6 +342,55 @@ class Store:
                   (run_id, e.seq, e.time, e.actor, e.event, e.payload_json, e.payload_hash,
                    e.prev_hash, e.hash))
         return e
+
+    def record_evaluations(self, run_id: str, rnd: int, *, evaluations: list[dict[str, Any]],
+                           bias: list[dict[str, Any]]) -> None:
+        """One transaction: evaluation rows (source, node_id, num_examples, metrics, counts,
+        samples) and bias metric rows (source, metric, group, value, threshold, flagged, note)
+        of the global model of round ``rnd``."""
+        with self._tx() as c:
+            for e in evaluations:
+                c.execute(
+                    "INSERT OR REPLACE INTO evaluations VALUES (?,?,?,?,?,?,?,?)",
+                    (run_id, rnd, e["source"], e.get("node_id") or "", int(e["num_examples"]),
+                     json.dumps(e["metrics"], sort_keys=True),
+                     json.dumps(e["counts"]) if e.get("counts") is not None else None,
+                     json.dumps(e["samples"]) if e.get("samples") else None))
+            for b in bias:
+                c.execute(
+                    "INSERT OR REPLACE INTO bias_metrics VALUES (?,?,?,?,?,?,?,?,?)",
+                    (run_id, rnd, b["source"], b["metric"], b.get("group") or "", b.get("value"),
+                     b.get("threshold"), int(bool(b.get("flagged"))), b.get("note") or None))
+
+    def get_evaluations(self, run_id: str) -> list[dict[str, Any]]:
+        run_id = self.resolve_run_id(run_id)
+        if not self._has_table("evaluations"):  # a store written before issue 4, read-only
+            return []
+        out = []
+        for r in self._conn.execute(
+                "SELECT * FROM evaluations WHERE run_id = ? ORDER BY round, source, node_id",
+                (run_id,)):
+            out.append({"round": r["round"], "source": r["source"],
+                        "node_id": r["node_id"] or None, "num_examples": r["num_examples"],
+                        "metrics": json.loads(r["metrics_json"]),
+                        "counts": json.loads(r["counts_json"]) if r["counts_json"] else None,
+                        "samples": json.loads(r["samples_json"]) if r["samples_json"] else []})
+        return out
+
+    def get_bias(self, run_id: str) -> list[dict[str, Any]]:
+        run_id = self.resolve_run_id(run_id)
+        if not self._has_table("bias_metrics"):
+            return []
+        return [{"round": r["round"], "source": r["source"], "metric": r["metric"],
+                 "group": r["grp"] or None, "value": r["value"], "threshold": r["threshold"],
+                 "flagged": bool(r["flagged"]), "note": r["note"] or ""}
+                for r in self._conn.execute(
+                    "SELECT * FROM bias_metrics WHERE run_id = ? ORDER BY round, source, metric,"
+                    " grp", (run_id,))]
+
+    def _has_table(self, name: str) -> bool:
+        return self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                  (name,)).fetchone() is not None
 
     def add_event(self, run_id: str, level: str, message: str) -> None:
         with self._tx() as c:

@@ -52,11 +52,22 @@ class GridTransport:
 
     def train(self, requests: dict[int, TrainRequest], *, timeout: float,
               on_reply: Callable[[int], None]) -> dict[int, TrainReply | str]:
+        return self._exchange(requests, MessageType.TRAIN, timeout=timeout, on_reply=on_reply)
+
+    def evaluate(self, requests: dict[int, TrainRequest], *, timeout: float
+                 ) -> dict[int, TrainReply | str]:
+        """Evaluate-only messages (the final global model): replies carry counts only."""
+        return self._exchange(requests, MessageType.EVALUATE, timeout=timeout,
+                              on_reply=lambda _nid: None)
+
+    def _exchange(self, requests: dict[int, TrainRequest], message_type: str, *,
+                  timeout: float, on_reply: Callable[[int], None]
+                  ) -> dict[int, TrainReply | str]:
         out: dict[int, TrainReply | str] = {}
         pending: dict[str, int] = {}
         for nid, req in requests.items():
             msg = Message(content=request_to_content(req), dst_node_id=nid,
-                          message_type=MessageType.TRAIN)
+                          message_type=message_type)
             ids = list(self.grid.push_messages([msg]))  # one at a time: ids map to nodes
             if ids:
                 pending[ids[0]] = nid

@@ -56,6 +56,11 @@ def reply_to_content(reply: TrainReply) -> RecordDict:
     })
     if reply.arrays:
         rd["arrays"] = _arrays_record(reply.arrays)
+    if reply.eval_counts is not None or reply.eval_note:
+        # Aggregate evaluation counts as JSON (nested per-group matrices; no Flower record type
+        # holds them natively). Only counts: see fedllm.evaluate.EvalCounts.
+        rd["eval"] = ConfigRecord({"counts-json": json.dumps(reply.eval_counts),
+                                   "note": reply.eval_note})
     return rd
 
 
@@ -63,6 +68,7 @@ def content_to_reply(content: RecordDict) -> TrainReply:
     info = content.config_records["info"]
     metrics = content.metric_records.get("metrics", MetricRecord())
     arrays = content.array_records.get("arrays")
+    ev = content.config_records.get("eval")
     return TrainReply(
         node=str(info["node"]),
         status=str(info["status"]),
@@ -71,4 +77,6 @@ def content_to_reply(content: RecordDict) -> TrainReply:
         arrays=_arrays_dict(arrays) if arrays is not None else {},
         metrics={k: float(v) for k, v in metrics.items()},  # type: ignore[arg-type]
         ledger=list(json.loads(str(info.get("ledger-json", "[]")))),
+        eval_counts=json.loads(str(ev["counts-json"])) if ev is not None else None,
+        eval_note=str(ev.get("note", "")) if ev is not None else "",
     )

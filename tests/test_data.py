@@ -141,3 +141,18 @@ def test_user_column_is_read_and_validated(tmp_path):
         read_table(bad, text_column="sentence", label_column="label", user_column="uid")
     with pytest.raises(DataError, match="missing column.*'customer'"):
         read_table(p, text_column="sentence", label_column="label", user_column="customer")
+
+
+def test_group_column_is_optional_per_file(tmp_path):
+    from fedllm.data import MISSING_GROUP, subset
+
+    with_g = tmp_path / "a.csv"
+    with_g.write_text("sentence,label,group\nfine,1,x\nbad,0,\nok,1,y\n")
+    t = read_table(with_g, text_column="sentence", label_column="label", group_column="group")
+    assert t.groups == ["x", MISSING_GROUP, "y"]  # an empty cell is its own, named group
+    without = tmp_path / "b.csv"
+    without.write_text("sentence,label\nfine,1\n")
+    assert read_table(without, text_column="sentence", label_column="label",
+                      group_column="group").groups is None  # unavailable, not an error
+    sub = subset(t, np.array([2, 0]))
+    assert sub.groups == ["y", "x"]

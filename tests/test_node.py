@@ -1,5 +1,6 @@
 """A node's round without Flower: budget enforcement, ledger persistence, replay refusal."""
 
+import numpy as np
 import pytest
 
 from fedllm.config import load_config
@@ -31,7 +32,13 @@ def test_rounds_compose_then_budget_refuses(runtime_and_config, tmp_path):
     r2 = rt.train(request(cfg, arrays, 2), identity=ident, data=spec)
     assert r1.ok and r2.ok
     assert 0 < r1.metrics["epsilon"] < r2.metrics["epsilon"] <= 4.0
-    assert r1.metrics["num_examples"] == 60 and r1.metrics["steps"] == 2
+    # 60 per node, 10 % (6) held out for evaluation (data.node_eval_fraction)
+    assert r1.metrics["num_examples"] == 54 and r1.metrics["steps"] == 2
+    # the received model was evaluated on the held-out split: counts only
+    assert r1.eval_counts is not None and r1.eval_counts["num_examples"] == 6
+    assert sum(map(sum, r1.eval_counts["confusion"])) == 6
+    assert set(r1.eval_counts) == {"num_examples", "loss_sum", "num_tokens", "confusion",
+                                   "group_confusion", "score_hist", "calibration"}
     # the whole planned run is spent: a third round would overrun the limit
     r3 = rt.train(request(cfg, arrays, 3), identity=ident, data=spec)
     assert r3.status == "refused" and "privacy budget exhausted" in r3.reason
@@ -181,3 +188,20 @@ def test_tampered_or_deleted_ledger_makes_the_node_refuse(runtime_and_config, tm
     row = reply.record_fields()  # what the run store records for this node and round
     assert row["status"] == "refused" and row["reason"] == reply.reason
     assert "epsilon" not in row  # unknown, not zero
+
+
+
+
+def test_held_out_split_is_deterministic_disjoint_and_out_of_training(tmp_path):
+    from fedllm.node import NodeDataSpec, eval_split, load_node_tables
+
+    tr, ev = eval_split(50, 0.2, seed=7)
+    assert len(ev) == 10 and not set(tr) & set(ev) and len(tr) + len(ev) == 50
+    assert np.array_equal(ev, eval_split(50, 0.2, seed=7)[1])
+    f = tmp_path / "n.csv"
+    f.write_text("sentence,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(40)))
+    t = load_node_tables(NodeDataSpec(str(f), "sentence", "label", eval_fraction=0.25,
+                                      group_column="group"), ("0", "1"))
+    assert len(t.train) == 30 and len(t.eval) == 10
+    assert not set(t.train.texts) & set(t.eval.texts)
+    assert t.eval.groups is None  # this node's file has no group column: reported, not fatal

@@ -86,3 +86,37 @@ def test_node_data_protection_is_stored_as_counts(tmp_path):
             n0["num_users"]) == (8.0, 0.02, 20, 61)
     assert n0["redactions"] == {"email": 3, "person": 0}
     assert n1["redactions"] is None and n1["user_epsilon"] is None  # unknown, not 0
+
+
+def test_evaluations_and_bias_round_trip_and_old_store(tmp_path):
+    import sqlite3
+
+    from fedllm.store import Store
+
+    with Store(tmp_path / "s.db") as s:
+        s.create_run("r", name="n", mode="simulation", task="seq-cls", model_path="m",
+                     num_rounds=1, num_nodes=1, dp_enabled=True, target_epsilon=1.0,
+                     delta=1e-5, accountant="prv", secure_transport=False, config={})
+        s.record_evaluations("r", 1, evaluations=[
+            {"source": "node", "node_id": "node-0", "num_examples": 4,
+             "metrics": {"accuracy": 0.5, "roc_auc": None}, "counts": {"num_examples": 4}}],
+            bias=[{"source": "federated", "metric": "accuracy_gap", "value": None,
+                   "note": "needs 2 groups"},
+                  {"source": "probe", "metric": "probe_score_gap", "group": "names",
+                   "value": 0.3, "threshold": 0.1, "flagged": True}])
+        ev = s.get_evaluations("r")
+        assert ev[0]["node_id"] == "node-0" and ev[0]["metrics"]["roc_auc"] is None
+        b = {x["metric"]: x for x in s.get_bias("r")}
+        assert b["accuracy_gap"]["value"] is None and b["accuracy_gap"]["note"]
+        assert b["probe_score_gap"]["flagged"] and b["probe_score_gap"]["group"] == "names"
+    # a store written before these tables existed reads as "no evaluations", not a crash
+    old = tmp_path / "old.db"
+    with Store(old) as s:
+        s.create_run("r", name="n", mode="simulation", task="seq-cls", model_path="m",
+                     num_rounds=1, num_nodes=1, dp_enabled=True, target_epsilon=1.0,
+                     delta=1e-5, accountant="prv", secure_transport=False, config={})
+    with sqlite3.connect(old) as c:
+        c.execute("DROP TABLE evaluations")
+        c.execute("DROP TABLE bias_metrics")
+    with Store(old, read_only=True) as s:
+        assert s.get_evaluations("r") == [] and s.get_bias("r") == []

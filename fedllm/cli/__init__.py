@@ -11,7 +11,7 @@ from rich.console import Console
 
 # Registers commands, in this order (deploy: certs, coordinator, node start/register).
 from fedllm.cli import run, runs  # noqa: F401  # isort: skip
-from fedllm.cli import deploy, node_data, privacy  # noqa: F401  # isort: skip
+from fedllm.cli import deploy, node_data, privacy, report  # noqa: F401  # isort: skip
 from fedllm.cli.common import USER_ERRORS, app
 
 

@@ -31,7 +31,7 @@ PAGES = {
     "runs": ("", "Selected: "),
     "utility": ("utility", "Global model on the held-out set"),
     "privacy": ("privacy", "No secure aggregation."),
-    "bias": ("bias", "Bias metrics appear here once recorded"),
+    "bias": ("bias", "Bias metrics of the latest evaluated model"),
     "audit": ("audit", "Participation per round"),
 }
 TITLES = {"runs": "Runs", "utility": "Utility", "privacy": "Privacy budget", "bias": "Bias",

@@ -72,6 +72,16 @@ def test_causal_lm_run_on_tiny_local_model(tmp_path):
     ppl = [r["metrics"]["perplexity"] for r in st["rounds"]]
     assert len(ppl) == 3 and all(np.isfinite(ppl)) and ppl[-1] < ppl[0]
     assert all(0 < n["epsilon"] <= 8 for n in st["rounds"][-1]["nodes"])
+    # issue 4: coordinator-side samples each round, node-side perplexity, `fedllm generate`
+    rep = __import__("json").loads(run_cli(["report", "latest", "--json"], home).stdout)
+    assert rep["samples"] and rep["samples"][0]["prompt"] == "The movie was"
+    assert {u["source"] for u in rep["utility"]} == {"coordinator", "federated"}
+    assert all(np.isfinite(n["perplexity"]) for n in rep["nodes"])
+    gen = run_cli(["generate", "latest", "The movie", "--max-new-tokens", "4", "--json"], home)
+    assert gen.returncode == 0, gen.stderr
+    assert __import__("json").loads(gen.stdout)[0]["prompt"] == "The movie"
+    wrong = run_cli(["predict", "latest", "some text"], home)
+    assert wrong.returncode == 2 and "use `fedllm generate`" in wrong.stderr
 
 
 @pytest.mark.parametrize("extra, needle", [
