@@ -436,22 +436,8 @@ class Coordinator:
         good: dict[str, tuple[dict[str, np.ndarray], float, float]] = {}  # name: (x, w, norm)
         for nid in chosen:
             reply = replies.get(nid, "no reply before the round timeout")
-            if isinstance(reply, str):
-                rows.append({"node_id": f"flower-{nid}", "status": "failed", "reason": reply})
-                audit.append(("coordinator", "node_failed",
-                              {"round": rnd, "node": f"flower-{nid}", "reason": reply}))
-                log.warning("round %d: node %s failed: %s", rnd, nid, reply)
-                continue
-            row = reply.record_fields()
-            if reply.ledger:
-                ledgers.append((reply.node, reply))
-            self._note_limit(reply, rnd, audit)
-            if reply.status == STATUS_REFUSED:
-                audit.append((reply.node, "node_refused", {"round": rnd, "reason": reply.reason,
-                                                           "epsilon": row.get("epsilon")}))
-                if "budget exhausted" in reply.reason:
-                    self._exhausted[nid] = reply.node
-            elif reply.ok:
+            row = self._reply_row(rnd, nid, reply, audit, ledgers)
+            if isinstance(reply, TrainReply) and reply.ok:
                 try:
                     bound = fed.max_update_norm
                     if self._central is not None:  # nodes must have clipped (tiny fp slack)
@@ -483,6 +469,27 @@ class Coordinator:
         if new_state is not None and not all(np.isfinite(a).all() for a in new_state.values()):
             raise RunFailed(f"round {rnd}: the aggregate is not finite")
         return _Attempt(rows, new_state, len(good), audit, ledgers)
+
+    def _reply_row(self, rnd: int, nid: int, reply: TrainReply | str,
+                   audit: list[tuple[str, str, dict[str, Any]]],
+                   ledgers: list[tuple[str, TrainReply]]) -> dict[str, Any]:
+        """A node's row for the store; records its failure or refusal (a node out of budget is
+        never asked again this run), its ledger copy and any change of its ε limit."""
+        if isinstance(reply, str):
+            audit.append(("coordinator", "node_failed",
+                          {"round": rnd, "node": f"flower-{nid}", "reason": reply}))
+            log.warning("round %d: node %s failed: %s", rnd, nid, reply)
+            return {"node_id": f"flower-{nid}", "status": "failed", "reason": reply}
+        row = reply.record_fields()
+        if reply.ledger:
+            ledgers.append((reply.node, reply))
+        self._note_limit(reply, rnd, audit)
+        if reply.status == STATUS_REFUSED:
+            audit.append((reply.node, "node_refused", {"round": rnd, "reason": reply.reason,
+                                                       "epsilon": row.get("epsilon")}))
+            if "budget exhausted" in reply.reason:
+                self._exhausted[nid] = reply.node
+        return row
 
     def _reject(self, row: dict[str, Any], rnd: int, reason: str,
                 audit: list[tuple[str, str, dict[str, Any]]]) -> None:
@@ -536,26 +543,14 @@ class Coordinator:
         aggregated = set(result.aggregated)
         for nid in chosen:
             reply = result.replies.get(nid, "no reply before the round timeout")
-            if isinstance(reply, str):
-                rows.append({"node_id": f"flower-{nid}", "status": "failed", "reason": reply})
-                audit.append(("coordinator", "node_failed",
-                              {"round": rnd, "node": f"flower-{nid}", "reason": reply}))
-                continue
-            row = reply.record_fields()
-            row["update_bytes"] = result.bytes_sent.get(nid)  # masked vector + keys + shares
-            if reply.ledger:
-                ledgers.append((reply.node, reply))
-            self._note_limit(reply, rnd, audit)
-            if reply.status == STATUS_REFUSED:
-                audit.append((reply.node, "node_refused", {"round": rnd, "reason": reply.reason,
-                                                           "epsilon": row.get("epsilon")}))
-                if "budget exhausted" in reply.reason:
-                    self._exhausted[nid] = reply.node
-            elif reply.ok and nid not in aggregated:
-                row.update(status="dropped", reason=result.reasons.get(nid) or result.error
-                           or "dropped out of the secure aggregation round")
-                audit.append(("coordinator", "node_dropped",
-                              {"round": rnd, "node": reply.node, "reason": row["reason"]}))
+            row = self._reply_row(rnd, nid, reply, audit, ledgers)
+            if isinstance(reply, TrainReply):
+                row["update_bytes"] = result.bytes_sent.get(nid)  # masked vector, keys, shares
+                if reply.ok and nid not in aggregated:
+                    row.update(status="dropped", reason=result.reasons.get(nid) or result.error
+                               or "dropped out of the secure aggregation round")
+                    audit.append(("coordinator", "node_dropped",
+                                  {"round": rnd, "node": reply.node, "reason": row["reason"]}))
             rows.append(row)
         new_state: dict[str, np.ndarray] | None = None
         enough = len(aggregated) >= fed.min_nodes or self._central is not None

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -275,17 +273,10 @@ class NodeLedger:
                    resets=list(d.get("resets", [])))
 
     def save(self, path: Path) -> None:
+        from fedllm.sealed import atomic_write
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ledger-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, self.to_json().encode("utf-8"))
 
     def save_sealed(self, box: SealedDir) -> None:
         """Persist sealed (AES-GCM) under the node key, tracked by the state manifest."""

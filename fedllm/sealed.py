@@ -101,7 +101,7 @@ def unseal(key: bytes, blob: bytes, *, purpose: str) -> bytes:
                           "another key or for another purpose)") from None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -144,7 +144,7 @@ class SealedDir:
         """Create the (empty) manifest of a new state folder; an existing one is kept."""
         root.mkdir(parents=True, exist_ok=True)
         if not (root / MANIFEST).exists():
-            _atomic_write(root / MANIFEST, seal(key, b"{}", purpose=MANIFEST))
+            atomic_write(root / MANIFEST, seal(key, b"{}", purpose=MANIFEST))
         return cls(root, key)
 
     @classmethod
@@ -164,7 +164,7 @@ class SealedDir:
 
     def _write_manifest(self, entries: dict[str, list[str | None]]) -> None:
         data = json.dumps(entries, sort_keys=True).encode()
-        _atomic_write(self.root / MANIFEST, seal(self._key, data, purpose=MANIFEST))
+        atomic_write(self.root / MANIFEST, seal(self._key, data, purpose=MANIFEST))
 
     def names(self) -> list[str]:
         return sorted(self._manifest())
@@ -194,7 +194,7 @@ class SealedDir:
         latest = entries.get(name, [None, None])[0]
         entries[name] = [latest, _digest(blob)]
         self._write_manifest(entries)  # 1. announce the new version
-        _atomic_write(self.root / name, blob)  # 2. replace the file
+        atomic_write(self.root / name, blob)  # 2. replace the file
         entries[name] = [_digest(blob), None]
         self._write_manifest(entries)  # 3. make it the only accepted version
 

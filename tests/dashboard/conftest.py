@@ -63,6 +63,7 @@ def synthetic_home(tmp_path_factory: pytest.TempPathFactory) -> dict:
         s.create_run("nodp-1", name="llm-nodp", mode="deployment", task="causal-lm",
                      model_path="/models/tiny-gpt", num_rounds=1, num_nodes=2, dp_enabled=False,
                      target_epsilon=None, delta=None, accountant=None, secure_transport=True,
+                     secure_aggregation=True,
                      config={"privacy": {"enabled": False}})
         s.record_round("nodp-1", 0, started_at=t, num_nodes=0,
                        metrics={"loss": 3.2, "perplexity": 24.53}, nodes=[])

@@ -42,6 +42,7 @@ def wait_for_round(home, rnd, proc, timeout=600):
     raise AssertionError(f"round {rnd} not recorded within {timeout} s")
 
 
+@pytest.mark.slow
 def test_ctrl_c_interrupts_cleanly_and_resume_finishes(tmp_path):
     args = [*TINY_RUN_ARGS, "--rounds", "3", "--run-id", "run-c"]
     proc = start_run(tmp_path, args)
