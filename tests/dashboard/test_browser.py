@@ -23,7 +23,7 @@ DOCS = REPO / "docs"
 pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(),
                        reason=f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)"),
-    pytest.mark.timeout(300),
+    pytest.mark.timeout(900),  # includes the shared tiny run when this test sets it up
 ]
 
 # url path, text that must be rendered (beyond the page title)
