@@ -22,6 +22,7 @@ from fedllm.coordinator import Coordinator, RunInterrupted, RunObserver, RunSumm
 from fedllm.protocol import TrainReply, TrainRequest
 from fedllm.secagg import SecureRoundResult
 from fedllm.store import Store, default_db_path, fedllm_home, new_run_id
+from server.grid import push_and_pull
 from server.messages import content_to_reply, request_to_content
 from server.secagg import train_secure
 
@@ -63,34 +64,23 @@ class GridTransport:
     def _exchange(self, requests: dict[int, TrainRequest], message_type: str, *,
                   timeout: float, on_reply: Callable[[int], None]
                   ) -> dict[int, TrainReply | str]:
-        out: dict[int, TrainReply | str] = {}
-        pending: dict[str, int] = {}
-        for nid, req in requests.items():
-            msg = Message(content=request_to_content(req), dst_node_id=nid,
-                          message_type=message_type)
-            ids = list(self.grid.push_messages([msg]))  # one at a time: ids map to nodes
-            if ids:
-                pending[ids[0]] = nid
-            else:
-                out[nid] = "the message was not accepted for this node (node gone?)"
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(list(pending)):
-                nid = pending.pop(reply.metadata.reply_to_message_id, None)
-                if nid is None:
-                    continue
-                if reply.has_error():
-                    out[nid] = f"node error: {reply.error.reason}"
-                else:
-                    try:
-                        out[nid] = content_to_reply(reply.content)
-                    except (KeyError, TypeError, ValueError) as e:
-                        out[nid] = f"malformed reply: {e}"
-                on_reply(nid)
-            if pending:
-                self._check_stop()
-                time.sleep(POLL_SECONDS)
-        for nid in pending.values():
+        ex = push_and_pull(
+            self.grid, {nid: Message(content=request_to_content(req), dst_node_id=nid,
+                                     message_type=message_type)
+                        for nid, req in requests.items()},
+            timeout=timeout, poll_seconds=POLL_SECONDS, on_reply=on_reply,
+            on_poll=self._check_stop)
+        out: dict[int, TrainReply | str] = {
+            nid: "the message was not accepted for this node (node gone?)" for nid in ex.unsent}
+        for nid, reply in ex.replies.items():
+            if reply.has_error():
+                out[nid] = f"node error: {reply.error.reason}"
+                continue
+            try:
+                out[nid] = content_to_reply(reply.content)
+            except (KeyError, TypeError, ValueError) as e:
+                out[nid] = f"malformed reply: {e}"
+        for nid in ex.pending:
             out[nid] = f"no reply within the round timeout ({timeout:g} s)"
         return out
 

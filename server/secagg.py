@@ -8,7 +8,6 @@ read and masked vectors; it never receives a node's clear update.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -28,6 +27,7 @@ from fedllm.secagg import (
     UnmaskRequest,
     unflatten,
 )
+from server.grid import push_and_pull
 from server.messages import content_to_reply, request_to_content
 
 log = logging.getLogger(__name__)
@@ -55,32 +55,20 @@ def exchange(grid: Grid, contents: dict[int, RecordDict], action: str, *, timeou
              ) -> tuple[dict[int, RecordDict | str], dict[int, int]]:
     """Send one message per node, collect replies until ``timeout``: (reply content or failure
     reason per node, bytes received per node)."""
-    out: dict[int, RecordDict | str] = {}
+    ex = push_and_pull(
+        grid, {nid: Message(content=content, dst_node_id=nid, message_type=f"train.{action}")
+               for nid, content in contents.items()},
+        timeout=timeout, poll_seconds=POLL_SECONDS, on_reply=on_reply)
+    out: dict[int, RecordDict | str] = {
+        nid: "the message was not accepted for this node (node gone?)" for nid in ex.unsent}
     sizes: dict[int, int] = {}
-    pending: dict[str, int] = {}
-    for nid, content in contents.items():
-        msg = Message(content=content, dst_node_id=nid, message_type=f"train.{action}")
-        ids = list(grid.push_messages([msg]))  # one at a time: ids map to nodes
-        if ids:
-            pending[ids[0]] = nid
+    for nid, reply in ex.replies.items():
+        if reply.has_error():
+            out[nid] = f"node error at {action}: {_last_line(reply.error.reason)}"
         else:
-            out[nid] = "the message was not accepted for this node (node gone?)"
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        for reply in grid.pull_messages(list(pending)):
-            nid = pending.pop(reply.metadata.reply_to_message_id, None)
-            if nid is None:
-                continue
-            if reply.has_error():
-                out[nid] = f"node error at {action}: {_last_line(reply.error.reason)}"
-            else:
-                out[nid] = reply.content
-                sizes[nid] = content_bytes(reply.content)
-            if on_reply:
-                on_reply(nid)
-        if pending:
-            time.sleep(POLL_SECONDS)
-    for nid in pending.values():
+            out[nid] = reply.content
+            sizes[nid] = content_bytes(reply.content)
+    for nid in ex.pending:
         out[nid] = f"no reply at {action} within {timeout:g} s"
     return out, sizes
 
