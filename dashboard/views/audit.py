@@ -17,7 +17,8 @@ from dashboard.data import (
 
 RUN_FIELDS = ("run_id", "name", "state", "mode", "task", "model_path", "model_bytes",
               "adapter_bytes", "num_nodes", "num_rounds", "dp_enabled", "target_epsilon", "delta",
-              "accountant", "secure_transport", "label_names", "adapter_path", "error")
+              "accountant", "secure_transport", "secure_aggregation", "label_names",
+              "adapter_path", "error")
 
 
 def _participation(run: dict[str, Any]) -> None:
