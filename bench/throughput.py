@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bench._common import finish, set_threads, sst2_paths
+from fedllm.config import TrainConfig
 from fedllm.data import Collator, TokenizedDataset, encode_labels, read_table, tokenize
 from fedllm.model import load_model
 from fedllm.train import DPParams, example_losses, train_local
@@ -42,22 +43,22 @@ def matmul_ceiling_gflops(size: int = 2048, seconds: float = 2.0) -> float:
     return best
 
 
-def train_flops_per_token(lm: Any, ds: TokenizedDataset, physical: int) -> float:
-    """FLOPs of one no-DP forward + backward per *non-padding* token, counted by torch's
-    FlopCounterMode on length-sorted physical batches (so padding shows up as waste)."""
+def train_flops_per_token(lm: Any, ds: TokenizedDataset, samples: int = 64) -> float:
+    """Useful FLOPs of one no-DP forward + backward per token: counted by torch's
+    FlopCounterMode on single examples (no padding at all) spread over the length
+    distribution. Padding the trainer computes is therefore waste, not credited work."""
     from torch.utils.flop_counter import FlopCounterMode
 
     collate = Collator(int(lm.tokenizer.pad_token_id))
-    # A length-sorted sample of the data, cut into physical batches as train_local does.
     order = np.argsort(ds.lengths(), kind="stable")
-    order = order[:: max(1, len(ds) // (4 * physical))][: 4 * physical]
+    pick = order[np.linspace(0, len(order) - 1, num=min(samples, len(order))).astype(int)]
     lm.model.train()
     counter = FlopCounterMode(display=False)
     tokens = 0
     with counter:
-        for chunk in np.array_split(order, 4):
-            batch = collate([ds[int(i)] for i in chunk])
-            example_losses(lm.model, batch, lm.task).mean().backward()
+        for i in pick:
+            batch = collate([ds[int(i)]])
+            example_losses(lm.model, batch, lm.task).sum().backward()
             tokens += int(batch["attention_mask"].sum())
     lm.model.zero_grad(set_to_none=True)
     lm.model.eval()
@@ -115,8 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
     size.add_argument("--quick", action="store_true", help="≈ 1 minute on 2 CPU cores")
     size.add_argument("--smoke", action="store_true", help="seconds; checks that it runs")
     ap.add_argument("--examples", type=int, help="SST-2 training examples per variant")
-    ap.add_argument("--batch-size", type=int, default=256, help="fedllm logical batch")
-    ap.add_argument("--physical-batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=TrainConfig().batch_size,
+                    help="fedllm logical batch (default: fedllm's)")
+    ap.add_argument("--physical-batch-size", type=int,
+                    default=TrainConfig().physical_batch_size, help="(default: fedllm's)")
     ap.add_argument("--repeats", type=int, help="measure each variant this many times, keep best")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0 = 1 on an oversubscribed machine, else torch default)")
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "tokens_per_s": ref["tokens"] / ref["seconds"],
                          "seconds": ref["seconds"], "samples": ref["samples"]}
 
-    flops_tok = train_flops_per_token(lm, ds, physical)
+    flops_tok = train_flops_per_token(lm, ds)
     ceiling = matmul_ceiling_gflops(seconds=0.5 if args.smoke else 2.0)
     no_dp_gflops = best["no_dp"]["tokens_per_s"] * flops_tok / 1e9
     best_dp = max(("dp_hooks", "dp_ghost"), key=lambda k: best[k]["samples_per_s"])

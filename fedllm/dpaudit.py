@@ -115,7 +115,8 @@ def run_canary_audit(config: RunConfig, *, canaries: int = 32, canary_length: in
     m, lo, t, p = config.model, config.lora, config.train, config.privacy
     loaded = load_model(m.path, task=m.task, label_names=label_names, pooling=m.pooling,
                         lora_r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                        target_modules=lo.target_modules, device=resolve_device(t.device),
+                        target_modules=lo.target_modules, base_dropout=m.base_dropout,
+                        device=resolve_device(t.device),
                         seed=config.seed)
     rng = np.random.default_rng(seed)
     texts, labels = make_canaries(2 * canaries, words=_vocabulary(loaded),
@@ -147,7 +148,9 @@ def run_canary_audit(config: RunConfig, *, canaries: int = 32, canary_length: in
         result = train_local(loaded, ds, epochs=t.local_epochs, batch_size=t.batch_size,
                              physical_batch_size=t.physical_batch_size,
                              learning_rate=t.learning_rate, weight_decay=t.weight_decay,
-                             dp=dp, seed=seed * 1000 + rnd)
+                             dp=dp, seed=seed * 1000 + rnd, clipping=t.clipping,
+                             optimizer=t.optimizer, momentum=t.momentum,
+                             head_learning_rate=t.head_learning_rate)
         history += result.history
     if p.enabled:
         eps = compute_epsilon(history, delta=p.delta, accountant=p.accountant)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -61,8 +62,27 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+Pooling = Literal["mean", "mean-norm", "cls"]
+
+
 def is_sentence_transformer(path: str) -> bool:
     return (Path(path) / "modules.json").is_file() or (Path(path) / "1_Pooling").is_dir()
+
+
+def checkpoint_pooling(path: str) -> Pooling:
+    """The pooling a checkpoint was trained with: sentence-transformers checkpoints mean-pool,
+    and L2-normalise when their pipeline (modules.json) has a Normalize module (as
+    all-MiniLM-L6-v2 does); anything else uses the [CLS] token."""
+    if not is_sentence_transformer(path):
+        return "cls"
+    modules = Path(path) / "modules.json"
+    try:
+        stages = json.loads(modules.read_text(encoding="utf-8")) if modules.is_file() else []
+    except (OSError, ValueError):
+        stages = []
+    normalised = any(str(m.get("type", "")).endswith(".Normalize") for m in stages
+                     if isinstance(m, dict))
+    return "mean-norm" if normalised else "mean"
 
 
 class SequenceClassifier(nn.Module):
@@ -71,7 +91,7 @@ class SequenceClassifier(nn.Module):
     ``input_ids``/``attention_mask`` (B, T) -> logits (B, num_labels).
     """
 
-    def __init__(self, encoder: nn.Module, num_labels: int, pooling: Literal["mean", "cls"]):
+    def __init__(self, encoder: nn.Module, num_labels: int, pooling: Pooling):
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
@@ -85,12 +105,25 @@ class SequenceClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
         hidden = states.last_hidden_state  # (B, T, H)
-        if self.pooling == "mean":
+        if self.pooling in ("mean", "mean-norm"):
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B, H)
+            if self.pooling == "mean-norm":
+                # Unit-length sentence vectors, as the checkpoint's own pipeline makes them.
+                # DP also gains: the head's per-example gradient no longer scales with the raw
+                # state norm (~5 for MiniLM), so clipping leaves the LoRA part a fair share.
+                pooled = F.normalize(pooled, dim=-1)
         else:
             pooled = hidden[:, 0]  # (B, H): [CLS]
         return self.head(pooled)  # (B, C)
+
+
+def set_dropout(module: nn.Module, p: float) -> None:
+    """Every ``nn.Dropout`` under ``module`` drops with probability ``p`` (HF attention reads
+    its dropout probability from these modules too)."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
 
 
 @dataclass
@@ -132,17 +165,19 @@ def load_model(
     *,
     task: Task,
     label_names: tuple[str, ...] = (),
-    pooling: Literal["auto", "mean", "cls"] = "auto",
+    pooling: Literal["auto", "mean", "mean-norm", "cls"] = "auto",
     lora_r: int = 8,
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.0,
     target_modules: tuple[str, ...] | None = None,
+    base_dropout: float | None = 0.0,
     device: torch.device | None = None,
     seed: int = 0,
 ) -> LoadedModel:
     """Load base weights from a local directory and attach a fresh LoRA adapter.
 
     The adapter initialisation is seeded so every party builds the same starting point.
+    ``base_dropout`` sets every dropout of the frozen base (None: keep the checkpoint's).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -165,10 +200,7 @@ def load_model(
         if len(label_names) < 2:
             raise ModelError(f"seq-cls needs at least 2 labels, got {list(label_names)}")
         encoder = AutoModel.from_pretrained(base_path)
-        if pooling == "auto":
-            resolved_pooling = "mean" if is_sentence_transformer(base_path) else "cls"
-        else:
-            resolved_pooling = pooling
+        resolved_pooling = checkpoint_pooling(base_path) if pooling == "auto" else pooling
         base: nn.Module = SequenceClassifier(encoder, len(label_names), resolved_pooling)  # type: ignore[arg-type]
         modules_to_save = [HEAD_MODULE]
     else:
@@ -177,6 +209,8 @@ def load_model(
         resolved_pooling = "none"
 
     full_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    if base_dropout is not None:
+        set_dropout(base, base_dropout)
     # Trap: move to the device *before* wrapping with PEFT, so LoRA weights are created there.
     base.to(device)
     for p in base.parameters():

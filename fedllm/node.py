@@ -289,13 +289,14 @@ class NodeRuntime:
 
     def model(self, config: RunConfig, label_names: tuple[str, ...]) -> LoadedModel:
         m, lo = config.model, config.lora
-        key = (m.path, m.task, m.pooling, label_names, lo.r, lo.alpha, lo.dropout,
+        key = (m.path, m.task, m.pooling, m.base_dropout, label_names, lo.r, lo.alpha, lo.dropout,
                lo.target_modules, config.train.device)
         if self._model is None or self._model_key != key:
             self._model = None  # drop the old one first: one base model per process
             self._model = load_model(
                 m.path, task=m.task, label_names=label_names, pooling=m.pooling, lora_r=lo.r,
                 lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
+                base_dropout=m.base_dropout,
                 device=resolve_device(config.train.device), seed=config.seed,
             )
             self._model_key = key
@@ -431,7 +432,8 @@ class NodeRuntime:
             loaded, ds, epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size,
             physical_batch_size=cfg.train.physical_batch_size,
             learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
-            dp=dp, seed=seed, clipping=cfg.train.clipping,
+            dp=dp, seed=seed, clipping=cfg.train.clipping, optimizer=cfg.train.optimizer,
+            momentum=cfg.train.momentum, head_learning_rate=cfg.train.head_learning_rate,
         )
         arrays = loaded.adapter_state()
         if cfg.central_dp.enabled:

@@ -14,7 +14,8 @@ def minilm():
 
 
 def test_default_model_is_minilm_with_mean_pooling_and_small_adapter(minilm):
-    assert minilm.pooling == "mean"  # sentence-transformers checkpoint
+    # sentence-transformers checkpoint whose pipeline ends in Normalize (modules.json)
+    assert minilm.pooling == "mean-norm"
     state = minilm.adapter_state()
     names = list(state)
     assert any("lora_A" in n and "query" in n for n in names)
@@ -68,3 +69,24 @@ def test_causal_lm_loads_with_lora(tiny_causal_lm):
     ids = torch.tensor([[101, 2000, 2001, 102]])
     out = lm.model(input_ids=ids, attention_mask=torch.ones_like(ids))
     assert out.logits.shape[-1] == lm.model.get_base_model().config.vocab_size
+
+
+def test_mean_norm_pooling_feeds_the_head_unit_vectors_and_dropout_is_off(minilm):
+    seen = []
+    head = minilm.model.base_model.model.head
+    handle = head.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    ds = tokenize(minilm.tokenizer, ["a fine film", "dull , and far too long"], np.array([1, 0]),
+                  max_length=32)
+    from fedllm.data import Collator
+
+    batch = Collator(int(minilm.tokenizer.pad_token_id))([ds[0], ds[1]])
+    try:
+        minilm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        handle.remove()
+    assert torch.allclose(seen[0].norm(dim=-1), torch.ones(2), atol=1e-5)
+    # fedllm's default: no dropout inside the frozen base; None keeps the checkpoint's 0.1.
+    drops = [m.p for m in minilm.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(p == 0.0 for p in drops)
+    kept = load_model(None, task="seq-cls", label_names=("0", "1"), base_dropout=None)
+    assert {m.p for m in kept.model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
