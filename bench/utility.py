@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64, help="non-private logical batch")
-    ap.add_argument("--dp-batch-size", type=int, default=1024,
+    ap.add_argument("--dp-batch-size", type=int, default=128,
                     help="DP logical batch (expected; Poisson rate q = B / N_node)")
     ap.add_argument("--physical-batch-size", type=int, default=64)
     ap.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"],
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3, help="non-private learning rate")
     ap.add_argument("--dp-optimizer", default="adamw", choices=["sgd", "adamw"])
     ap.add_argument("--dp-lr", type=float, default=1e-2, help="DP learning rate")
-    ap.add_argument("--dp-head-lr", type=float, help="DP learning rate of the head")
+    ap.add_argument("--dp-head-lr", type=float, default=0.1, help="DP learning rate of the head")
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
