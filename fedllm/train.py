@@ -92,7 +92,7 @@ def physical_chunks(lengths: np.ndarray, *, max_examples: int,
     ``lengths`` (n,) ascending. Each chunk holds at most ``max_examples`` examples and is padded
     to its longest; the cut minimises ``sum(chunk_cost_tokens + size * longest)`` over chunks
     (exact, by dynamic programming over cut points). Equal-count splits of a random logical
-    batch of 256 into 4 waste 38 % of SST-2's tokens on padding; this wastes a few percent.
+    batch of 256 into 4 waste 38 % of SST-2's tokens on padding; this cut (CPU cost) 6.5 %.
     Privacy is untouched: the chunks of one logical batch are clipped per example, summed and
     noised once, whatever the cut.
     """
@@ -165,7 +165,8 @@ def make_optimizer(kind: Optimizer, model: nn.Module, *, learning_rate: float,
     FedAvg of few local AdamW steps is closer to a vote of the nodes than to an average of
     their gradients. SGD averages exactly; under DP it needs a far larger step for the head than
     for LoRA (``head_learning_rate``). Measured on the 3-node Dirichlet(0.5) SST-2 split
-    (bench/utility.py, README "Performance"): neither learned at ε = 1 within 3 epochs.
+    (bench/utility.py, README "Performance"), at ε = 1 within 3 epochs SGD predicted one class
+    at every rate tried, AdamW with the head at 10x LoRA's rate reached 0.57.
 
     ``head_learning_rate`` (None: ``learning_rate``) is the classification head's own rate.
     """
