@@ -34,14 +34,17 @@ def test_canaries_are_random_words_with_random_labels():
 
 @pytest.mark.slow
 def test_control_without_dp_leaks_more_than_dp(tmp_path):
-    """The issue's check: a no-DP run shows a clearly higher bound than the DP run."""
+    """The issue's check: a no-DP run shows a clearly higher bound than the DP run.
+
+    10 local epochs: with unit-length pooled features (mean-norm) the no-DP control memorises
+    the canaries more slowly; after 6 epochs its bound was 0.24 (AUC already well above DP's)."""
     import json
 
     from tests.conftest import run_cli
 
     proc = run_cli(["audit-dp", "--canaries", "64", "--json", "-s", "data.max_examples=300",
                     "-s", "train.batch_size=64", "-s", "train.physical_batch_size=64",
-                    "-s", "train.learning_rate=0.01", "-s", "train.local_epochs=6",
+                    "-s", "train.learning_rate=0.01", "-s", "train.local_epochs=10",
                     "-s", "model.max_length=32"], tmp_path, timeout=1800)
     assert proc.returncode == 0, proc.stderr
     dp, control = json.loads(proc.stdout)
