@@ -28,6 +28,7 @@ import numpy as np
 
 from bench._common import finish, set_threads, sst2_paths
 from fedllm.aggregate import fedavg
+from fedllm.config import TrainConfig
 from fedllm.data import encode_labels, partition_indices, read_table, tokenize
 from fedllm.evaluate import evaluate
 from fedllm.model import load_model, resolve_device
@@ -35,6 +36,7 @@ from fedllm.privacy import calibrate_noise, compute_epsilon
 from fedllm.train import DPParams, train_local
 
 LABELS = ("0", "1")
+DEFAULTS = TrainConfig()  # fedllm's own training defaults
 DELTA = 1e-5
 
 
@@ -125,13 +127,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=64, help="non-private logical batch")
     ap.add_argument("--dp-batch-size", type=int, default=128,
                     help="DP logical batch (expected; Poisson rate q = B / N_node)")
-    ap.add_argument("--physical-batch-size", type=int, default=64)
+    ap.add_argument("--physical-batch-size", type=int, default=DEFAULTS.physical_batch_size)
     ap.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"],
                     help="non-private local optimizer")
     ap.add_argument("--lr", type=float, default=1e-3, help="non-private learning rate")
     ap.add_argument("--dp-optimizer", default="adamw", choices=["sgd", "adamw"])
-    ap.add_argument("--dp-lr", type=float, default=1e-2, help="DP learning rate")
-    ap.add_argument("--dp-head-lr", type=float, default=0.1, help="DP learning rate of the head")
+    ap.add_argument("--dp-lr", type=float, default=DEFAULTS.learning_rate,
+                    help="DP learning rate (default: fedllm's)")
+    ap.add_argument("--dp-head-lr", type=float, default=DEFAULTS.head_learning_rate,
+                    help="DP learning rate of the head (default: fedllm's)")
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)

@@ -38,7 +38,7 @@ from fedllm.data import (
     read_table,
     tokenize,
 )
-from fedllm.model import LoadedModel, load_model, resolve_device, save_adapter
+from fedllm.model import LoadedModel, load_run_model, save_adapter
 from fedllm.privacy import CentralPlan, compute_epsilon, plan_central_dp
 from fedllm.protocol import (
     STATUS_REFUSED,
@@ -214,13 +214,7 @@ class Coordinator:
         stopped: str | None = None
         try:
             label_names = resolve_label_names(cfg)
-            loaded = load_model(
-                cfg.model.path, task=cfg.model.task, label_names=label_names,
-                pooling=cfg.model.pooling, lora_r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules,
-                base_dropout=cfg.model.base_dropout,
-                device=resolve_device(cfg.train.device), seed=cfg.seed,
-            )
+            loaded = load_run_model(cfg, label_names)
             eval_ds = eval_dataset(cfg, loaded, label_names)
             self.evaluator = self._make_evaluator(label_names, eval_ds)
             if global_state is None:

@@ -31,10 +31,10 @@ from scipy.stats import beta
 from fedllm.config import RunConfig
 from fedllm.data import TokenizedDataset, tokenize
 from fedllm.evaluate import predict_proba
-from fedllm.model import LoadedModel, load_model, resolve_device
+from fedllm.model import LoadedModel, load_run_model
 from fedllm.node import load_node_table, simulated_node_data
 from fedllm.privacy import compute_epsilon, plan_dp_sgd
-from fedllm.train import DPParams, train_local
+from fedllm.train import DPParams, train_for_run
 
 
 @dataclass(frozen=True)
@@ -112,12 +112,8 @@ def run_canary_audit(config: RunConfig, *, canaries: int = 32, canary_length: in
 
     t0 = time.time()
     label_names = resolve_label_names(config)
-    m, lo, t, p = config.model, config.lora, config.train, config.privacy
-    loaded = load_model(m.path, task=m.task, label_names=label_names, pooling=m.pooling,
-                        lora_r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                        target_modules=lo.target_modules, base_dropout=m.base_dropout,
-                        device=resolve_device(t.device),
-                        seed=config.seed)
+    m, t, p = config.model, config.train, config.privacy
+    loaded = load_run_model(config, label_names)
     rng = np.random.default_rng(seed)
     texts, labels = make_canaries(2 * canaries, words=_vocabulary(loaded),
                                   num_labels=len(label_names), length=canary_length, rng=rng)
@@ -145,12 +141,7 @@ def run_canary_audit(config: RunConfig, *, canaries: int = 32, canary_length: in
                       accountant=p.accountant)
     history: list[tuple[float, float, int]] = []
     for rnd in range(rounds):  # one node federated with itself: its update is the model
-        result = train_local(loaded, ds, epochs=t.local_epochs, batch_size=t.batch_size,
-                             physical_batch_size=t.physical_batch_size,
-                             learning_rate=t.learning_rate, weight_decay=t.weight_decay,
-                             dp=dp, seed=seed * 1000 + rnd, clipping=t.clipping,
-                             optimizer=t.optimizer, momentum=t.momentum,
-                             head_learning_rate=t.head_learning_rate)
+        result = train_for_run(loaded, ds, t, dp=dp, seed=seed * 1000 + rnd)
         history += result.history
     if p.enabled:
         eps = compute_epsilon(history, delta=p.delta, accountant=p.accountant)

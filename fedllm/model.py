@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
+
+if TYPE_CHECKING:
+    from fedllm.config import RunConfig
 
 Task = Literal["seq-cls", "causal-lm"]
 HEAD_MODULE = "head"
@@ -236,6 +239,18 @@ def load_model(
         pooling=resolved_pooling,
         device=device,
         full_model_bytes=int(full_bytes),
+    )
+
+
+def load_run_model(config: RunConfig, label_names: tuple[str, ...]) -> LoadedModel:
+    """:func:`load_model` with a run's model, LoRA, device and seed settings: the one place
+    that maps them, for the coordinator, the nodes and the canary audit."""
+    m, lo = config.model, config.lora
+    return load_model(
+        m.path, task=m.task, label_names=label_names, pooling=m.pooling, lora_r=lo.r,
+        lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
+        base_dropout=m.base_dropout, device=resolve_device(config.train.device),
+        seed=config.seed,
     )
 
 

@@ -34,7 +34,7 @@ from fedllm.data import (
     subset,
     tokenize,
 )
-from fedllm.model import LoadedModel, load_model, resolve_device
+from fedllm.model import LoadedModel, load_run_model
 from fedllm.privacy import NodeLedger, PrivacyError, ledger_path, plan_dp_sgd
 from fedllm.protocol import (
     STATUS_OK,
@@ -46,7 +46,7 @@ from fedllm.protocol import (
 )
 from fedllm.sealed import SealedDir, SealedError
 from fedllm.store import fedllm_home
-from fedllm.train import DPParams, train_local
+from fedllm.train import DPParams, train_for_run
 
 log = logging.getLogger(__name__)
 
@@ -288,17 +288,11 @@ class NodeRuntime:
         self._data: dict[tuple[object, ...], _NodeData] = {}
 
     def model(self, config: RunConfig, label_names: tuple[str, ...]) -> LoadedModel:
-        m, lo = config.model, config.lora
-        key = (m.path, m.task, m.pooling, m.base_dropout, label_names, lo.r, lo.alpha, lo.dropout,
-               lo.target_modules, config.train.device)
+        # Every model and LoRA setting (frozen, hashable configs) plus the device.
+        key = (config.model, config.lora, label_names, config.train.device)
         if self._model is None or self._model_key != key:
             self._model = None  # drop the old one first: one base model per process
-            self._model = load_model(
-                m.path, task=m.task, label_names=label_names, pooling=m.pooling, lora_r=lo.r,
-                lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
-                base_dropout=m.base_dropout,
-                device=resolve_device(config.train.device), seed=config.seed,
-            )
+            self._model = load_run_model(config, label_names)
             self._model_key = key
         return self._model
 
@@ -428,13 +422,7 @@ class NodeRuntime:
             dp = DPParams(noise_multiplier=plan.noise_multiplier, max_grad_norm=p.max_grad_norm,
                           accountant=p.accountant)
 
-        result = train_local(
-            loaded, ds, epochs=cfg.train.local_epochs, batch_size=cfg.train.batch_size,
-            physical_batch_size=cfg.train.physical_batch_size,
-            learning_rate=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
-            dp=dp, seed=seed, clipping=cfg.train.clipping, optimizer=cfg.train.optimizer,
-            momentum=cfg.train.momentum, head_learning_rate=cfg.train.head_learning_rate,
-        )
+        result = train_for_run(loaded, ds, cfg.train, dp=dp, seed=seed)
         arrays = loaded.adapter_state()
         if cfg.central_dp.enabled:
             # Node-level DP: bound this node's influence before anything leaves it.

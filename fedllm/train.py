@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from torch.utils.data import DataLoader
 
 from fedllm.data import Collator, TokenizedDataset
 from fedllm.model import HEAD_MODULE, LoadedModel
+
+if TYPE_CHECKING:
+    from fedllm.config import TrainConfig
 
 Clipping = Literal["auto", "hooks", "ghost"]
 Optimizer = Literal["sgd", "adamw"]
@@ -236,6 +239,19 @@ def train_local(
     result.seconds = time.perf_counter() - t0
     result.num_examples = n
     return result
+
+
+def train_for_run(loaded: LoadedModel, dataset: TokenizedDataset, train: TrainConfig, *,
+                  dp: DPParams | None, seed: int) -> TrainResult:
+    """:func:`train_local` with a run's ``[train]`` settings: the one place that maps them, for
+    the nodes and the canary audit."""
+    return train_local(
+        loaded, dataset, epochs=train.local_epochs, batch_size=train.batch_size,
+        physical_batch_size=train.physical_batch_size, learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay, dp=dp, seed=seed, clipping=train.clipping,
+        optimizer=train.optimizer, momentum=train.momentum,
+        head_learning_rate=train.head_learning_rate,
+    )
 
 
 def _train_dp(
