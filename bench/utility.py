@@ -42,13 +42,33 @@ DELTA = 1e-5
 
 def equal_size_dirichlet(labels: np.ndarray, nodes: int, per_node: int, *, alpha: float,
                          seed: int) -> list[np.ndarray]:
-    """Disjoint index sets of ``per_node`` examples each; node i's label mix ~ Dir(alpha)."""
+    """Disjoint index sets of ``per_node`` examples each, with Dirichlet(alpha) label skew.
+
+    Node i's label mix starts as a Dir(alpha) draw; the nodes x classes count matrix is then
+    balanced by iterative proportional fitting (Sinkhorn) so every node holds ``per_node``
+    examples *and* the nodes together hold the labels in the same proportions as the whole
+    split. IPF keeps the draw's odds ratios (which node is skewed towards which label, and how
+    strongly); only the margins change. Without it a few nodes' independent draws set the
+    pooled label mix by chance: seed 0 gave 22 % positives against SST-2's 56 % (and the dev
+    split's 51 %), so every setting was also measured under a label shift between train and
+    test, and DP runs that learnt only the class prior predicted one class.
+    """
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     free = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
+    prior = np.array([len(free[c]) for c in classes], dtype=float) / len(labels)
+    mix = rng.dirichlet(np.full(len(classes), alpha), size=nodes) + 1e-9  # (nodes, classes)
+    for _ in range(1000):  # Sinkhorn: rows sum to 1, columns to nodes x prior
+        mix *= (nodes * prior / mix.sum(axis=0))[None, :]
+        mix /= mix.sum(axis=1, keepdims=True)
+        if np.allclose(mix.sum(axis=0), nodes * prior, rtol=1e-6):
+            break
     parts = []
-    for _ in range(nodes):
-        counts = rng.multinomial(per_node, rng.dirichlet(np.full(len(classes), alpha)))
+    for row in mix:
+        # Largest-remainder rounding: exactly per_node examples on this node.
+        want = row * per_node
+        counts = np.floor(want).astype(int)
+        counts[np.argsort(want - counts)[::-1][: per_node - counts.sum()]] += 1
         idx: list[int] = []
         for c, k in zip(classes, counts, strict=True):
             take = min(int(k), len(free[c]))

@@ -72,3 +72,22 @@ def test_utility_smoke(tmp_path):
         spent = row["settings"][f"federated_dp_eps{eps}"]["epsilon_spent"]
         # whole-run calibration: each node ends at (just under) its target
         assert all(0.9 * eps <= e <= eps * 1.01 for e in spent), spent
+
+
+def test_utility_split_keeps_skew_and_pooled_label_mix():
+    """--quick's nodes: exactly per_node examples each, disjoint, strongly skewed, and together
+    in the label proportions of the whole split (seed 0 of independent draws gave 22 %
+    positives against 56 %)."""
+    import numpy as np
+
+    from bench.utility import equal_size_dirichlet
+
+    labels = np.array([1] * 5580 + [0] * 4420)  # SST-2's 55.8 % positives
+    for seed in range(5):
+        parts = equal_size_dirichlet(labels, 3, 3000, alpha=0.5, seed=seed)
+        assert [len(p) for p in parts] == [3000, 3000, 3000]
+        pooled = np.concatenate(parts)
+        assert len(np.unique(pooled)) == 9000  # disjoint
+        assert abs(labels[pooled].mean() - 0.558) < 1e-3
+        shares = [labels[p].mean() for p in parts]
+        assert max(shares) - min(shares) > 0.2  # Dirichlet(0.5) skew is kept
