@@ -116,10 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
     size.add_argument("--quick", action="store_true", help="≈ 1 minute on 2 CPU cores")
     size.add_argument("--smoke", action="store_true", help="seconds; checks that it runs")
     ap.add_argument("--examples", type=int, help="SST-2 training examples per variant")
-    ap.add_argument("--batch-size", type=int, default=TrainConfig().batch_size,
+    defaults = TrainConfig()  # fedllm's own training defaults
+    ap.add_argument("--batch-size", type=int, default=defaults.batch_size,
                     help="fedllm logical batch (default: fedllm's)")
     ap.add_argument("--physical-batch-size", type=int,
-                    default=TrainConfig().physical_batch_size, help="(default: fedllm's)")
+                    default=defaults.physical_batch_size, help="(default: fedllm's)")
     ap.add_argument("--repeats", type=int, help="measure each variant this many times, keep best")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0 = 1 on an oversubscribed machine, else torch default)")

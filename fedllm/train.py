@@ -179,7 +179,8 @@ def make_optimizer(kind: Optimizer, model: nn.Module, *, learning_rate: float,
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not _is_head(n)]
     groups = [{"params": rest, "lr": learning_rate}]
     if head:
-        groups.append({"params": head, "lr": head_learning_rate or learning_rate})
+        groups.append({"params": head, "lr": (learning_rate if head_learning_rate is None
+                                                 else head_learning_rate)})
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=learning_rate, momentum=momentum,
                                weight_decay=weight_decay)

@@ -239,3 +239,17 @@ def test_split_logical_pads_less_than_equal_count_chunks():
     # Accelerators: as few chunks as the cap allows (4), boundaries chosen to cut padding.
     gpu = split_logical(logical, lengths, physical_batch_size=64, device=torch.device("meta"))
     assert len(gpu) == 4 and _padded(lengths, gpu) <= _padded(lengths, equal)
+
+
+def test_make_optimizer_gives_the_head_its_own_rate_or_the_shared_one():
+    from torch import nn
+
+    from fedllm.train import make_optimizer
+
+    model = nn.Module()
+    model.body = nn.Linear(2, 2)
+    model.head = nn.Linear(2, 2)
+    for head_lr, expected in ((None, 1e-3), (0.03, 0.03), (0.0, 0.0)):
+        opt = make_optimizer("adamw", model, learning_rate=1e-3, head_learning_rate=head_lr,
+                             weight_decay=0.0, momentum=0.0)
+        assert [g["lr"] for g in opt.param_groups] == [1e-3, expected]
