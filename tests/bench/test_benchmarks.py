@@ -91,3 +91,15 @@ def test_utility_split_keeps_skew_and_pooled_label_mix():
         assert abs(labels[pooled].mean() - 0.558) < 1e-3
         shares = [labels[p].mean() for p in parts]
         assert max(shares) - min(shares) > 0.2  # Dirichlet(0.5) skew is kept
+
+
+def test_utility_dp_settings_per_epsilon():
+    from bench.utility import per_epsilon
+
+    assert per_epsilon("1024", 8.0) == 1024.0
+    assert per_epsilon("8:256,3:512,1:1024", 3.0) == 512.0
+    assert per_epsilon("8:0.1,1:0.03", 1.0) == 0.03
+    assert per_epsilon("8:256,1:1024", 4.0) == 256.0  # nearest on a log scale (3 -> 1024)
+    assert per_epsilon("8:256,1:1024", 2.0) == 1024.0
+    with pytest.raises(SystemExit, match="bad per-ε"):
+        per_epsilon("8:256,1", 3.0)
