@@ -171,7 +171,9 @@ def make_optimizer(kind: Optimizer, model: nn.Module, *, learning_rate: float,
     random walk it takes on noise-dominated coordinates: on the 3-node Dirichlet(0.5) SST-2
     split at ε = 1 (bench/utility.py, README "Performance"), LoRA at 1e-2 scrambled the frozen
     features it scales (0.57 dev accuracy, below a frozen LoRA's 0.72); at 1e-3 with the head
-    at 0.03 and a logical batch of a third of the node it reached 0.775.
+    at 0.03 and a logical batch of a third of the node it reached 0.775 (seed 0; with the
+    nodes' label skews of seeds 1 and 2 the DP runs still collapse towards one class, README
+    "Performance").
 
     ``head_learning_rate`` (None: ``learning_rate``) is the classification head's own rate.
     """
