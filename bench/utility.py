@@ -109,23 +109,22 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
     """Train from the same initial adapter; returns dev metrics, ε and timing."""
     lm.load_adapter_state(initial)
     t0 = time.perf_counter()
-    if eps is not None:
+    if eps is not None:  # DP settings may be given per ε
         lr, head_lr = per_epsilon(a.dp_lr, eps), per_epsilon(a.dp_head_lr, eps)
+        opt, batch = a.dp_optimizer, int(per_epsilon(a.dp_batch_size, eps))
     else:
-        lr, head_lr = a.lr, a.head_lr
-    opt = a.dp_optimizer if eps is not None else a.optimizer
+        lr, head_lr, opt, batch = a.lr, a.head_lr, a.optimizer, a.batch_size
     if not federated:
         from fedllm.data import TokenizedDataset
 
         pooled = TokenizedDataset([x for d in nodes for x in d.input_ids],
                                   np.concatenate([d.labels for d in nodes]))
-        r = train_local(lm, pooled, epochs=a.rounds * a.local_epochs, batch_size=a.batch_size,
+        r = train_local(lm, pooled, epochs=a.rounds * a.local_epochs, batch_size=batch,
                         physical_batch_size=a.physical_batch_size, learning_rate=lr, dp=None,
                         seed=seed, optimizer=opt, head_learning_rate=head_lr)
         out: dict[str, Any] = {"steps": r.steps, "samples": r.samples}
     else:
         sigmas, histories = [], [[] for _ in nodes]
-        batch = int(per_epsilon(a.dp_batch_size, eps)) if eps is not None else a.batch_size
         for rnd in range(a.rounds):
             global_state = lm.adapter_state()
             updates = []
