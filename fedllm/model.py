@@ -94,6 +94,8 @@ class SequenceClassifier(nn.Module):
     ``input_ids``/``attention_mask`` (B, T) -> logits (B, num_labels).
     """
 
+    feature_center: torch.Tensor  # (H,) buffer, see __init__
+
     def __init__(self, encoder: nn.Module, num_labels: int, pooling: Pooling):
         super().__init__()
         self.encoder = encoder
@@ -104,8 +106,18 @@ class SequenceClassifier(nn.Module):
         # spent learning, not undoing a random classifier.
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        # Training-time centre c of the pooled features (H,): the head sees ``pooled - c``.
+        # Not a model parameter and never on the wire: adapter_state() writes the head in
+        # uncentred form (bias - W c), so aggregation, checkpoints and saved adapters do not
+        # depend on it; see set_feature_center() for why DP training needs it.
+        self.register_buffer("feature_center", torch.zeros(hidden), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.pooled(input_ids, attention_mask)  # (B, H)
+        return self.head(pooled - self.feature_center)  # (B, C)
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The sentence vectors (B, H) the head reads, before centring."""
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
         hidden = states.last_hidden_state  # (B, T, H)
         if self.pooling in ("mean", "mean-norm"):
@@ -119,7 +131,7 @@ class SequenceClassifier(nn.Module):
                 pooled = F.normalize(pooled, dim=-1)
         else:
             pooled = hidden[:, 0]  # (B, H): [CLS]
-        return self.head(pooled)  # (B, C)
+        return pooled
 
 
 def set_dropout(module: nn.Module, p: float) -> None:
@@ -149,6 +161,9 @@ class LoadedModel:
 
     def load_adapter_state(self, state: dict[str, np.ndarray]) -> None:
         load_adapter_state(self.model, state)
+
+    def set_feature_center(self, center: np.ndarray | None) -> None:
+        set_feature_center(self.model, center)
 
 
 def _lora_targets(base_config: Any, configured: tuple[str, ...] | None) -> list[str]:
@@ -255,9 +270,71 @@ def load_run_model(config: RunConfig, label_names: tuple[str, ...]) -> LoadedMod
 
 
 def adapter_state(model: nn.Module) -> dict[str, np.ndarray]:
-    """Trainable adapter tensors (LoRA + head) as float32 numpy arrays, sorted by name."""
+    """Trainable adapter tensors (LoRA + head) as float32 numpy arrays, sorted by name.
+
+    The head is written uncentred (bias ``b - W c`` for a feature centre ``c``), the one form
+    every party shares whatever centre it trains with."""
     sd = get_peft_model_state_dict(model)  # type: ignore[arg-type]
-    return {k: sd[k].detach().to("cpu", torch.float32).numpy().copy() for k in sorted(sd)}
+    out = {k: sd[k].detach().to("cpu", torch.float32).numpy().copy() for k in sorted(sd)}
+    centred = _centred_head(model)
+    if centred is not None:
+        head, center = centred
+        key = _head_bias_key(out)
+        with torch.no_grad():
+            out[key] = (head.bias - head.weight @ center).to("cpu", torch.float32).numpy()
+    return out
+
+
+def _classifier(model: nn.Module) -> SequenceClassifier | None:
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return base if isinstance(base, SequenceClassifier) else None
+
+
+def _centred_head(model: nn.Module) -> tuple[nn.Linear, torch.Tensor] | None:
+    """(trainable head, centre) when ``model`` trains its head on centred features."""
+    clf = _classifier(model)
+    if clf is None or not bool(torch.any(clf.feature_center != 0)):
+        return None
+    # PEFT wraps the head (modules_to_save): its trainable copy is the Linear with grads.
+    heads = [m for m in clf.head.modules()
+             if isinstance(m, nn.Linear) and m.weight.requires_grad]
+    if len(heads) != 1:
+        raise ModelError(f"expected one trainable classification head, found {len(heads)}")
+    return heads[0], clf.feature_center
+
+
+def _head_bias_key(state: dict[str, Any]) -> str:
+    keys = [k for k in state if k.endswith(f"{HEAD_MODULE}.bias")]
+    if len(keys) != 1:
+        raise ModelError(f"expected one classification head bias in the adapter, got {keys}")
+    return keys[0]
+
+
+def set_feature_center(model: nn.Module, center: np.ndarray | None) -> None:
+    """Train the head of a ``seq-cls`` model on ``pooled - center`` (None: uncentred) without
+    changing the function the model computes (the bias absorbs ``W center``).
+
+    Why: sentence embeddings share a large common component (all-MiniLM-L6-v2's unit-length
+    vectors have a mean of norm ~0.4 on SST-2). AdamW moves every head coordinate by about
+    its learning rate in the sign of its gradient, and on a label-skewed node that gradient
+    is dominated by the class imbalance times that common component. The head's weights then
+    step along sign(mean), a direction whose dot product with *every* input is large, and
+    FedAvg of a few such steps from skewed nodes is a vote of the nodes' majority labels that
+    shifts all logits together: DP runs (a few large-batch steps) predicted one class. With
+    the features centred the imbalance goes to the bias alone. The centre must be public or
+    itself differentially private (fedllm.train.private_feature_mean): it shapes what is
+    released.
+    """
+    clf = _classifier(model)
+    if clf is None:
+        raise ModelError("feature centring applies to seq-cls models only")
+    wire = adapter_state(model)
+    hidden = clf.feature_center.shape[0]
+    c = np.zeros(hidden, np.float32) if center is None else np.asarray(center, np.float32)
+    if c.shape != (hidden,) or not np.isfinite(c).all():
+        raise ModelError(f"feature centre must be {hidden} finite values, got shape {c.shape}")
+    clf.feature_center.copy_(torch.as_tensor(c, device=clf.feature_center.device))
+    load_adapter_state(model, wire)
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
@@ -278,6 +355,11 @@ def load_adapter_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ModelError(f"adapter keys not used by the model: {unexpected[:3]}")
+    centred = _centred_head(model)
+    if centred is not None:  # the state is uncentred: b_centred = b + W c
+        head, center = centred
+        with torch.no_grad():
+            head.bias.add_(head.weight @ center)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,7 +370,17 @@ def save_adapter(loaded: LoadedModel, out_dir: str | Path) -> Path:
     """Write a PEFT adapter directory plus ``fedllm_model.json`` (how to rebuild the base)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    loaded.model.save_pretrained(str(out))
+    clf = _classifier(loaded.model)
+    center = None if clf is None else clf.feature_center.detach().cpu().numpy().copy()
+    if center is not None and center.any():
+        # PEFT saves the parameters as they are: write the uncentred head, then restore.
+        set_feature_center(loaded.model, None)
+        try:
+            loaded.model.save_pretrained(str(out))
+        finally:
+            set_feature_center(loaded.model, center)
+    else:
+        loaded.model.save_pretrained(str(out))
     meta = {
         "task": loaded.task,
         "base_model_path": loaded.base_path,

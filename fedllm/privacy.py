@@ -17,6 +17,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedllm.sealed import SealedDir, SealedError
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
@@ -61,9 +63,11 @@ def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float,
         return math.inf  # a noiseless release has no finite ε
     acc = _accountant(name)
     acc.history = list(history)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         # RDP: "optimal order is the largest alpha" only means the bound could be a bit tighter.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        # PRV evaluates log(1 - q) in a branch np.where discards when q = 1 (a release on the
+        # whole data, e.g. a private feature mean): harmless division by zero.
         return _get_epsilon(acc, name, delta)
 
 
@@ -113,22 +117,47 @@ def independent_epsilon(history: Iterable[tuple[float, float, int]], *, delta: f
 
 @lru_cache(maxsize=256)
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    accountant: str) -> float:
+                    accountant: str, prior: tuple[tuple[float, float, int], ...] = ()) -> float:
     """Smallest σ (to 0.01 in ε) such that ``steps`` DP-SGD steps at rate q give ≤ target ε.
 
     Called with the whole run's planned steps (rounds × local epochs × steps per epoch), so
-    the target holds at the end of the run, not per round.
+    the target holds at the end of the run, not per round. ``prior``: releases composed with
+    the steps (e.g. a private feature mean); σ then covers what the target leaves after them.
     """
     from opacus.accountants.utils import get_noise_multiplier
 
     if steps <= 0:
         raise ValueError("calibration needs a positive number of steps")
+    if prior:
+        return _calibrate_after(target_epsilon, delta, sample_rate, steps, accountant, prior)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
             steps=steps, accountant=accountant, epsilon_tolerance=0.01,
         ))
+
+
+def _calibrate_after(target: float, delta: float, q: float, steps: int, accountant: str,
+                     prior: tuple[tuple[float, float, int], ...]) -> float:
+    """Bisection on σ for ε(prior + steps at (σ, q)) ≤ target (ε falls as σ grows)."""
+    if compute_epsilon(prior, delta=delta, accountant=accountant) >= target:
+        raise PrivacyError(f"the releases before training already spend the whole ε = "
+                           f"{target:g}; nothing is left to train with")
+
+    def eps(sigma: float) -> float:
+        return compute_epsilon([*prior, (sigma, q, steps)], delta=delta, accountant=accountant)
+
+    # Without the prior σ would suffice for the whole target: start there.
+    lo = calibrate_noise(target_epsilon=target, delta=delta, sample_rate=q, steps=steps,
+                         accountant=accountant)
+    hi = lo * 2
+    while eps(hi) > target:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1e-3 * hi and eps(hi) < target - 0.01:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if eps(mid) > target else (lo, mid)
+    return hi
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedllm.data import Collator, TokenizedDataset
-from fedllm.model import HEAD_MODULE, LoadedModel
+from fedllm.model import HEAD_MODULE, LoadedModel, SequenceClassifier
 
 if TYPE_CHECKING:
     from fedllm.config import TrainConfig
@@ -142,6 +142,61 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+@dataclass(frozen=True)
+class FeatureMean:
+    """A node's differentially private mean of its pooled features (a Gaussian mechanism)."""
+
+    mean: np.ndarray  # (H,) float32: (sum of clipped features + noise) / num_examples
+    num_examples: int
+    noise_multiplier: float
+    clip_norm: float
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """The release in accountant form: one Gaussian step on the whole data (q = 1)."""
+        return [(self.noise_multiplier, 1.0, 1)]
+
+
+@torch.no_grad()
+def private_feature_mean(loaded: LoadedModel, dataset: TokenizedDataset, *,
+                         noise_multiplier: float, clip_norm: float = 1.0, seed: int,
+                         physical_batch_size: int = 256) -> FeatureMean:
+    """Mean of the head's input features over ``dataset``, released with the Gaussian
+    mechanism: each example's feature vector is clipped to ``clip_norm`` (so one example
+    changes the sum by at most that; mean-norm pooling gives unit vectors, never clipped),
+    the sum gets N(0, (noise_multiplier * clip_norm)^2) noise per coordinate and is divided by
+    the (public) number of examples. Under add/remove adjacency this is a DP-SGD step with
+    q = 1 and the same noise multiplier, and is accounted as one (see FeatureMean.history).
+
+    Used to centre the head's input (fedllm.model.set_feature_center). At σ = 20 and
+    3,000 examples the noise has norm ~0.13 per node against a mean of norm ~0.4, and adds
+    ~0.02 to ε = 1 of a 3-round run (bench/utility.py).
+    """
+    if noise_multiplier <= 0 or clip_norm <= 0:
+        raise ValueError("the feature mean needs a positive noise multiplier and clip norm")
+    if len(dataset) == 0:
+        raise ValueError("the feature mean of an empty dataset is undefined")
+    base = loaded.model.get_base_model()
+    if not isinstance(base, SequenceClassifier):
+        raise ValueError("feature centring applies to seq-cls models only")
+    was_training = loaded.model.training
+    loaded.model.eval()  # no dropout: the statistic of the model as it will be trained
+    collate = Collator(pad_token_id=int(loaded.tokenizer.pad_token_id))
+    lengths = dataset.lengths()
+    total = torch.zeros(base.feature_center.shape[0], dtype=torch.float64)
+    for chunk in split_logical(np.arange(len(dataset)), lengths, device=loaded.device,
+                               physical_batch_size=physical_batch_size):
+        batch = _to(collate([dataset[int(i)] for i in chunk]), loaded.device)
+        x = base.pooled(batch["input_ids"], batch["attention_mask"]).double()  # (B, H)
+        scale = (clip_norm / x.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)  # (B,)
+        total += (x * scale[:, None]).sum(dim=0).cpu()
+    loaded.model.train(was_training)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.normal(0.0, noise_multiplier * clip_norm, size=total.shape,
+                         generator=generator, dtype=torch.float64)
+    mean = ((total + noise) / len(dataset)).numpy().astype(np.float32)
+    return FeatureMean(mean, len(dataset), float(noise_multiplier), float(clip_norm))
 
 
 def choose_clipping(model: nn.Module, *, physical_batch_size: int, mode: Clipping) -> str:

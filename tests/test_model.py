@@ -90,3 +90,56 @@ def test_mean_norm_pooling_feeds_the_head_unit_vectors_and_dropout_is_off(minilm
     assert drops and all(p == 0.0 for p in drops)
     kept = load_model(None, task="seq-cls", label_names=("0", "1"), base_dropout=None)
     assert {m.p for m in kept.model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+
+
+def test_feature_centre_changes_the_head_coordinates_not_the_function(minilm, tmp_path):
+    """set_feature_center: same logits, same (uncentred) wire state, saved adapter too; only the
+    coordinates the head trains in change (its weight gradient becomes (p - y)(x - c))."""
+    state = minilm.adapter_state()
+    rng = np.random.default_rng(1)
+    perturbed = {k: v + rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in state.items()}
+    minilm.load_adapter_state(perturbed)
+    ds = tokenize(minilm.tokenizer, ["a fine film", "awful, boring", "it is a movie"],
+                  np.array([1, 0, 1]), max_length=32)
+    batch = {"input_ids": torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor(x) for x in ds.input_ids], batch_first=True)}
+    batch["attention_mask"] = (batch["input_ids"] != 0).long()
+    clf = minilm.model.get_base_model()
+
+    def logits_and_head_grad():
+        minilm.model.zero_grad()
+        logits = minilm.model(**batch)
+        torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0, 1])).backward()
+        grad = next(p.grad for n, p in minilm.model.named_parameters()
+                    if p.requires_grad and n.endswith("head.modules_to_save.default.weight"))
+        return logits.detach(), grad.clone()
+
+    plain_logits, plain_grad = logits_and_head_grad()
+    with torch.no_grad():
+        x = clf.pooled(batch["input_ids"], batch["attention_mask"])
+    center = x.mean(0).numpy()
+    try:
+        minilm.set_feature_center(center)
+        assert np.allclose(clf.feature_center.numpy(), center)
+        centred_logits, centred_grad = logits_and_head_grad()
+        assert torch.allclose(centred_logits, plain_logits, atol=1e-5)
+        wire = minilm.adapter_state()
+        assert all(np.allclose(wire[k], perturbed[k], atol=1e-5) for k in perturbed)
+        # Centred coordinates: the batch-mean part of the features no longer reaches W.
+        p = torch.softmax(plain_logits, -1) - torch.nn.functional.one_hot(
+            torch.tensor([1, 0, 1]), 2)
+        assert torch.allclose(centred_grad, p.T @ (x - x.mean(0)) / 3, atol=1e-5)
+        assert not torch.allclose(centred_grad, plain_grad, atol=1e-3)
+        # Loading a (wire) state keeps the centre: same function as uncentred.
+        minilm.load_adapter_state(perturbed)
+        assert torch.allclose(minilm.model(**batch).detach(), plain_logits, atol=1e-5)
+        save_adapter(minilm, tmp_path / "ad")
+        assert np.allclose(clf.feature_center.numpy(), center)  # restored after saving
+        back = load_trained(tmp_path / "ad")
+        assert evaluate(back, ds) == pytest.approx(evaluate(minilm, ds))
+        with pytest.raises(ModelError, match="finite"):
+            minilm.set_feature_center(np.full(center.shape, np.nan, np.float32))
+    finally:
+        minilm.set_feature_center(None)
+        minilm.load_adapter_state(state)
+    assert not clf.feature_center.any()

@@ -70,6 +70,42 @@ def test_calibration_hits_target_for_whole_run():
     assert 0.2 * 3.0 < first < 0.6 * 3.0
 
 
+def gaussian_mechanism_delta(eps, sigma):
+    """Exact δ(ε) of one Gaussian mechanism with sensitivity 1 (Balle & Wang 2018, Thm. 8)."""
+    phi = lambda t: 0.5 * math.erfc(-t / math.sqrt(2))  # noqa: E731
+    return phi(-eps * sigma + 1 / (2 * sigma)) - math.exp(eps) * phi(-eps * sigma - 1 / (2 * sigma))
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_release_on_the_whole_data_is_the_gaussian_mechanism(accountant):
+    """A private feature mean is one Gaussian release with q = 1 (history (σ, 1, 1)): PRV gives
+    the exact Gaussian mechanism's ε (analytic formula), RDP a valid upper bound, both as
+    dp-accounting computes them."""
+    ours = compute_epsilon([(20.0, 1.0, 1)], delta=1e-5, accountant=accountant)
+    assert ours == pytest.approx(reference_epsilon([(20.0, 1.0, 1)], 1e-5, accountant), rel=0.02)
+    assert gaussian_mechanism_delta(ours, 20.0) <= 1e-5 * 1.02
+    if accountant == "prv":
+        assert ours == pytest.approx(0.161, abs=0.003)
+        assert gaussian_mechanism_delta(0.98 * ours, 20.0) > 1e-5  # tight, not just valid
+
+
+def test_calibration_leaves_room_for_earlier_releases():
+    q, steps, target = 0.5, 6, 1.0  # bench/utility --quick at ε = 1: 2 steps a round, 3 rounds
+    prior = ((20.0, 1.0, 1),)
+    alone = calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps,
+                            accountant="prv")
+    sigma = calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps,
+                            accountant="prv", prior=prior)
+    assert sigma > alone
+    total = compute_epsilon([*prior, (sigma, q, steps)], delta=1e-5, accountant="prv")
+    assert target - 0.01 <= total <= target
+    assert total == pytest.approx(reference_epsilon([*prior, (sigma, q, steps)], 1e-5, "prv"),
+                                  rel=0.02)
+    with pytest.raises(PrivacyError, match="already spend"):
+        calibrate_noise(target_epsilon=0.1, delta=1e-5, sample_rate=q, steps=steps,
+                        accountant="prv", prior=prior)
+
+
 def test_no_noise_means_infinite_epsilon_and_empty_is_zero():
     assert math.isinf(compute_epsilon([(0.0, 0.1, 3)], delta=1e-5, accountant="rdp"))
     assert compute_epsilon([], delta=1e-5, accountant="prv") == 0.0

@@ -7,7 +7,7 @@ import torch
 from fedllm.data import encode_labels, read_table, tokenize
 from fedllm.model import load_model
 from fedllm.privacy import compute_epsilon
-from fedllm.train import DPParams, train_local
+from fedllm.train import DPParams, private_feature_mean, train_local
 from tests.conftest import DEMO
 
 
@@ -253,3 +253,31 @@ def test_make_optimizer_gives_the_head_its_own_rate_or_the_shared_one():
         opt = make_optimizer("adamw", model, learning_rate=1e-3, head_learning_rate=head_lr,
                              weight_decay=0.0, momentum=0.0)
         assert [g["lr"] for g in opt.param_groups] == [1e-3, expected]
+
+
+def test_private_feature_mean_is_the_clipped_mean_plus_calibrated_noise(setup):
+    """The Gaussian mechanism: (sum of clipped features + N(0, (σC)^2)) / N, accounted as one
+    q = 1 step; the model's mode is left as it was."""
+    lm, ds = setup
+    clf = lm.model.get_base_model()
+    with torch.no_grad():
+        lm.model.eval()
+        x = torch.cat([clf.pooled(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+                       for ids in ds.input_ids])  # (N, H), unit rows (mean-norm pooling)
+    exact = x.mean(0).numpy()
+    lm.model.train()
+    quiet = private_feature_mean(lm, ds, noise_multiplier=1e-6, seed=0)
+    assert lm.model.training
+    assert np.allclose(quiet.mean, exact, atol=1e-5)
+    assert quiet.history() == [(1e-6, 1.0, 1)] and quiet.num_examples == len(ds)
+    # Clipping bounds each example's share: at C = 0.5 every unit vector is halved.
+    half = private_feature_mean(lm, ds, noise_multiplier=1e-6, clip_norm=0.5, seed=0)
+    assert np.allclose(half.mean, exact / 2, atol=1e-5)
+    noisy = private_feature_mean(lm, ds, noise_multiplier=20.0, seed=3)
+    z = (noisy.mean - exact) * len(ds) / 20.0  # should be N(0, 1) per coordinate (H = 384)
+    assert abs(float(z.mean())) < 0.2 and 0.85 < float(z.std()) < 1.15
+    again = private_feature_mean(lm, ds, noise_multiplier=20.0, seed=3)
+    assert np.array_equal(again.mean, noisy.mean)  # the seed fixes the noise
+    with pytest.raises(ValueError, match="positive"):
+        private_feature_mean(lm, ds, noise_multiplier=0.0, seed=0)
+    lm.model.eval()

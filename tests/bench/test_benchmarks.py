@@ -69,9 +69,11 @@ def test_utility_smoke(tmp_path):
                                     "federated_dp_eps8", "federated_dp_eps3",
                                     "federated_dp_eps1"}
     for eps in (8, 3, 1):
-        spent = row["settings"][f"federated_dp_eps{eps}"]["epsilon_spent"]
-        # whole-run calibration: each node ends at (just under) its target
-        assert all(0.9 * eps <= e <= eps * 1.01 for e in spent), spent
+        setting = row["settings"][f"federated_dp_eps{eps}"]
+        # whole-run calibration, the private feature mean included: each node ends at (just
+        # under) its target
+        assert all(0.9 * eps <= e <= eps * 1.01 for e in setting["epsilon_spent"]), setting
+        assert setting["feature_center_norm"] > 0
 
 
 def test_utility_split_keeps_skew_and_pooled_label_mix():
