@@ -167,7 +167,8 @@ class TrainConfig(_Frozen):
     # Default 0.1 with AdamW (10x LoRA's 1e-2): best on the demo at ε = 8. At small ε, lower
     # both (1e-3 / 0.03) and raise batch_size to a third to a half of a node's examples
     # (README "Performance": 0.57 -> 0.78 at ε = 1 on the benchmark split's seed 0; on other
-    # seeds' label skews DP still collapses towards one class, see there).
+    # seeds' label skews an uncentred head, as `fedllm run` still trains it, collapses towards
+    # one class; bench/utility centres it with a DP feature mean, see there).
     head_learning_rate: float | None = Field(0.1, gt=0)
 
 

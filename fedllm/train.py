@@ -227,8 +227,8 @@ def make_optimizer(kind: Optimizer, model: nn.Module, *, learning_rate: float,
     split at ε = 1 (bench/utility.py, README "Performance"), LoRA at 1e-2 scrambled the frozen
     features it scales (0.57 dev accuracy, below a frozen LoRA's 0.72); at 1e-3 with the head
     at 0.03 and a logical batch of a third of the node it reached 0.775 (seed 0; with the
-    nodes' label skews of seeds 1 and 2 the DP runs still collapse towards one class, README
-    "Performance").
+    nodes' label skews of seeds 1 and 2 an uncentred head collapses towards one class, which
+    centring its input fixes: fedllm.model.set_feature_center, README "Performance").
 
     ``head_learning_rate`` (None: ``learning_rate``) is the classification head's own rate.
     """
