@@ -32,7 +32,7 @@ from fedllm.config import TrainConfig
 from fedllm.data import encode_labels, partition_indices, read_table, tokenize
 from fedllm.evaluate import evaluate
 from fedllm.model import load_model, resolve_device
-from fedllm.privacy import calibrate_noise, compute_epsilon
+from fedllm.privacy import compute_epsilon, plan_dp_sgd
 from fedllm.train import DPParams, private_feature_mean, train_local
 
 LABELS = ("0", "1")
@@ -142,12 +142,11 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                 h.extend(m.history())
             out["feature_center_norm"] = round(float(np.linalg.norm(center)), 4)
         if eps is not None:  # σ per node, for the whole run after its feature-mean release
-            for ds, h in zip(nodes, histories, strict=True):
-                steps_per_epoch = int(np.ceil(len(ds) / batch))
-                sigmas.append(calibrate_noise(
-                    target_epsilon=eps, delta=DELTA, sample_rate=1.0 / steps_per_epoch,
-                    steps=a.rounds * a.local_epochs * steps_per_epoch, accountant="prv",
-                    prior=tuple(h)))
+            sigmas = [plan_dp_sgd(num_examples=len(ds), batch_size=batch,
+                                  local_epochs=a.local_epochs, rounds=a.rounds,
+                                  target_epsilon=eps, delta=DELTA, accountant="prv",
+                                  project=False, prior=tuple(h)).noise_multiplier
+                      for ds, h in zip(nodes, histories, strict=True)]
         for rnd in range(a.rounds):
             global_state = lm.adapter_state()
             updates = []

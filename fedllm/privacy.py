@@ -178,17 +178,19 @@ class DPSGDPlan:
 
 def plan_dp_sgd(*, num_examples: int, batch_size: int, local_epochs: int, rounds: int,
                 target_epsilon: float, delta: float, accountant: str,
-                noise_multiplier: float | None = None, project: bool = True) -> DPSGDPlan:
+                noise_multiplier: float | None = None, project: bool = True,
+                prior: tuple[tuple[float, float, int], ...] = ()) -> DPSGDPlan:
     """Calibrate σ once for the whole horizon (rounds × local steps at the node's rate) so the
-    target ε holds after the *last* round; optionally project ε after each round."""
+    target ε holds after the *last* round; optionally project ε after each round. ``prior``:
+    the node's releases before training (e.g. a private feature mean), composed with it."""
     steps_per_epoch = math.ceil(num_examples / batch_size)
     q = 1.0 / steps_per_epoch  # what Opacus' DPDataLoader uses for this dataset size
     round_steps = local_epochs * steps_per_epoch
     calibrated = noise_multiplier is None
     sigma = calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=q,
-                            steps=rounds * round_steps, accountant=accountant) \
+                            steps=rounds * round_steps, accountant=accountant, prior=prior) \
         if noise_multiplier is None else float(noise_multiplier)
-    projected = tuple(compute_epsilon([(sigma, q, r * round_steps)], delta=delta,
+    projected = tuple(compute_epsilon([*prior, (sigma, q, r * round_steps)], delta=delta,
                                       accountant=accountant)
                       for r in range(1, rounds + 1)) if project else ()
     return DPSGDPlan(num_examples, q, round_steps, rounds, sigma, projected, calibrated)

@@ -16,6 +16,7 @@ from fedllm.privacy import (
     canonical_history,
     compute_epsilon,
     ledger_path,
+    plan_dp_sgd,
 )
 
 OPACUS_RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
@@ -101,6 +102,11 @@ def test_calibration_leaves_room_for_earlier_releases():
     assert target - 0.01 <= total <= target
     assert total == pytest.approx(reference_epsilon([*prior, (sigma, q, steps)], 1e-5, "prv"),
                                   rel=0.02)
+    # A node's plan (3,000 examples, batch 1,536 -> q = 1/2, 2 steps a round, 3 rounds) passes
+    # the prior on and projects ε with it.
+    plan = plan_dp_sgd(num_examples=3000, batch_size=1536, local_epochs=1, rounds=3,
+                       target_epsilon=target, delta=1e-5, accountant="prv", prior=prior)
+    assert plan.noise_multiplier == sigma and plan.projected_epsilon[-1] == pytest.approx(total)
     with pytest.raises(PrivacyError, match="already spend"):
         calibrate_noise(target_epsilon=0.1, delta=1e-5, sample_rate=q, steps=steps,
                         accountant="prv", prior=prior)
