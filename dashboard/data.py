@@ -163,7 +163,8 @@ def privacy_frame(run: Mapping[str, Any]) -> pd.DataFrame:
             "Accountant": _last_value(df, "accountant"),
             "Noise multiplier σ": _last_value(df, "noise_multiplier"),
             "Sample rate q": _last_value(df, "sample_rate"),
-            "Rounds trained": int((df["status"] == "ok").sum()),
+            # Round 0 rows are the feature-centre release (ε spent, nothing trained).
+            "Rounds trained": int(((df["status"] == "ok") & (df["round"] > 0)).sum()),
             "Rounds refused": int((df["status"] == "refused").sum()),
             "Last status": df["status"].iloc[-1],
         })
@@ -192,7 +193,8 @@ def status_rows(run: Mapping[str, Any], statuses: Iterable[str]) -> pd.DataFrame
 
 
 def participation_matrix(run: Mapping[str, Any]) -> pd.DataFrame:
-    """Round × node grid of recorded statuses (round 0, the initial evaluation, has no nodes)."""
+    """Round × node grid of recorded statuses (round 0: the nodes' feature-centre release, when
+    the run centres features; else no nodes)."""
     nodes = node_rounds_frame(run)
     if nodes.empty:
         return pd.DataFrame()

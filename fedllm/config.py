@@ -166,10 +166,15 @@ class TrainConfig(_Frozen):
     # frozen weights it multiplies, so under DP the head can take a larger step than LoRA.
     # Default 0.1 with AdamW (10x LoRA's 1e-2): best on the demo at ε = 8. At small ε, lower
     # both (1e-3 / 0.03) and raise batch_size to a third to a half of a node's examples
-    # (README "Performance": 0.57 -> 0.78 at ε = 1 on the benchmark split's seed 0; on other
-    # seeds' label skews an uncentred head, as `fedllm run` still trains it, collapses towards
-    # one class; bench/utility centres it with a DP feature mean, see there).
+    # (README "Performance": 0.57 -> 0.78 at ε = 1 on the benchmark split's seed 0).
     head_learning_rate: float | None = Field(0.1, gt=0)
+    # Centre the head's input with a DP mean of the nodes' pooled features, released once
+    # before round 1 (seq-cls): without it, a few large-batch AdamW steps on label-skewed nodes
+    # move the head along the features' common mean and FedAvg collapses to one class (README
+    # "Performance": ε = 1, seed 1: 0.54 -> 0.76). "auto" = on for DP seq-cls runs without
+    # central DP; the release costs ε (privacy.center_noise_multiplier), see
+    # fedllm.coordinator.Coordinator._center_phase.
+    center_features: Literal["auto", "on", "off"] = "auto"
 
 
 class PrivacyConfig(_Frozen):
@@ -184,6 +189,10 @@ class PrivacyConfig(_Frozen):
     # A node never trains a round that would take its cumulative epsilon above this.
     # None = target_epsilon. (Node operators override it in their own node config.)
     max_epsilon: float | None = Field(None, gt=0)
+    # Noise multiplier of each node's feature-mean release (train.center_features): a Gaussian
+    # mechanism on the sum of unit-clipped features, accounted as one DP-SGD step with q = 1.
+    # At 20 it adds ~0.02 to ε = 1 of a 3-round run once σ is recalibrated around it.
+    center_noise_multiplier: float = Field(20.0, gt=0)
 
     @model_validator(mode="after")
     def _dp_off_must_be_explicit(self) -> PrivacyConfig:
@@ -313,7 +322,30 @@ class RunConfig(_Frozen):
                 f"train.physical_batch_size ({self.train.physical_batch_size}) exceeds "
                 f"train.batch_size ({self.train.batch_size})"
             )
+        if self.train.center_features == "on":
+            why = ("privacy.enabled is false (the centre is a DP release)"
+                   if not self.privacy.enabled else
+                   f"model.task is {self.model.task!r} (seq-cls heads only)"
+                   if self.model.task != "seq-cls" else
+                   "central_dp.enabled (its node-level accounting does not cover the release)"
+                   if self.central_dp.enabled else None)
+            if why:
+                raise ValueError(f"train.center_features='on' is not possible: {why}")
         return self
+
+    @property
+    def centers_features(self) -> bool:
+        """Whether nodes release a DP feature mean before round 1 to centre the head."""
+        mode = self.train.center_features
+        if mode == "auto":
+            return (self.privacy.enabled and self.model.task == "seq-cls"
+                    and not self.central_dp.enabled)
+        return mode == "on"
+
+    def center_prior(self) -> tuple[tuple[float, float, int], ...]:
+        """The centring release as a DP-SGD history entry (σ, q = 1, 1 step), or ()."""
+        return ((self.privacy.center_noise_multiplier, 1.0, 1),) if self.centers_features \
+            else ()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -22,8 +22,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedllm.aggregate import (
+    MIN_CENTER_SNR,
     UpdateRejected,
     central_dp_average,
+    estimate_center,
     fedavg,
     reject_outliers,
     validate_update,
@@ -38,9 +40,17 @@ from fedllm.data import (
     read_table,
     tokenize,
 )
-from fedllm.model import LoadedModel, load_run_model, save_adapter
-from fedllm.privacy import CentralPlan, compute_epsilon, plan_central_dp
+from fedllm.model import LoadedModel, feature_dim, load_run_model, save_adapter
+from fedllm.privacy import (
+    CentralPlan,
+    PrivacyError,
+    check_prior_fits,
+    compute_epsilon,
+    plan_central_dp,
+)
 from fedllm.protocol import (
+    CENTER_KEY,
+    PHASE_CENTER,
     STATUS_REFUSED,
     TrainReply,
     TrainRequest,
@@ -196,6 +206,9 @@ class Coordinator:
         self._exhausted: dict[int, str] = {}
         self._last_limit: dict[str, float] = {}
         self._central: CentralPlan | None = None
+        # The run's feature centre (train.center_features), sent with every train request;
+        # None = the head trains uncentred.
+        self._center: np.ndarray | None = None
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -213,6 +226,14 @@ class Coordinator:
         model_bytes = adapter_bytes = 0
         stopped: str | None = None
         try:
+            if cfg.centers_features:
+                try:
+                    check_prior_fits(cfg.center_prior(), epsilon_limit=cfg.privacy.epsilon_limit,
+                                     delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
+                                     what="the feature-centre release "
+                                          "(privacy.center_noise_multiplier)")
+                except PrivacyError as e:
+                    raise RunFailed(str(e)) from None
             label_names = resolve_label_names(cfg)
             loaded = load_run_model(cfg, label_names)
             eval_ds = eval_dataset(cfg, loaded, label_names)
@@ -234,14 +255,23 @@ class Coordinator:
                     noise_multiplier=c.noise_multiplier)
             if start_round == 0:
                 t0 = time.time()
-                report = RoundReport(0, self.evaluator.global_model(0, loaded),
+                center_rows: list[dict[str, Any]] = []
+                audit: list[tuple[str, str, dict[str, Any]]] = []
+                if cfg.centers_features:
+                    center_rows, audit = self._center_phase(transport, loaded, label_names)
+                report = RoundReport(0, self.evaluator.global_model(0, loaded), center_rows,
                                      seconds=time.time() - t0)
+                audit.append(("coordinator", "round_completed",
+                              {"round": 0, "metrics": report.metrics,
+                               "participants": [{k: r.get(k) for k in ("node_id", "status",
+                                                                       "reason", "epsilon")}
+                                                for r in center_rows],
+                               "adapter_sha256": state_digest(global_state)}))
+                # Round 0 = before training: the initial model's evaluation and, if the run
+                # centres features, the nodes' feature-mean releases (their ε shows here).
                 self.store.record_round(
                     self.run_id, 0, started_at=t0, num_nodes=0, metrics=report.metrics,
-                    nodes=[], checkpoint=pack_state(global_state),
-                    audit=[("coordinator", "round_completed",
-                            {"round": 0, "metrics": report.metrics, "participants": [],
-                             "adapter_sha256": state_digest(global_state)})])
+                    nodes=center_rows, checkpoint=pack_state(global_state), audit=audit)
                 reports.append(report)
                 if self.observer:
                     self.observer.round_finished(report)
@@ -317,6 +347,8 @@ class Coordinator:
         if hashlib.sha256(blob).hexdigest() != sha:
             raise RunFailed(f"checkpoint of run {self.run_id} (round {rnd}) is corrupted")
         state = unpack_state(blob)
+        center = self.store.feature_center_vector(self.run_id)
+        self._center = None if center is None else np.asarray(center, np.float32)
         self.store.update_run(self.run_id, state="running", error=None, finished_at=None)
         self.store.append_audit(self.run_id, actor="coordinator", event="run_resumed", payload={
             "previous_state": run["state"], "from_round": rnd + 1,
@@ -380,6 +412,108 @@ class Coordinator:
                         f"updates after {fed.max_round_retries + 1} attempt(s) — "
                         + " | ".join(reasons))
 
+    # -- feature centring (train.center_features): one DP release per node before round 1 ---
+
+    def _center_phase(self, transport: Transport, loaded: LoadedModel,
+                      label_names: tuple[str, ...]
+                      ) -> tuple[list[dict[str, Any]], list[tuple[str, str, dict[str, Any]]]]:
+        """Ask every connected node for a DP mean of its pooled features, combine them into
+        the run's centre (example-weighted, through SecAgg when the run uses it) and keep it
+        if its signal clears its noise (fedllm.aggregate.estimate_center). Returns the nodes'
+        rows and audit entries for round 0. A failed or too noisy centre is a warning, not a
+        failure: the head then trains uncentred, as without centring (utility, not privacy)."""
+        cfg = self.config
+        fed = cfg.federation
+        sigma = cfg.privacy.center_noise_multiplier
+        template = {CENTER_KEY: np.zeros(feature_dim(loaded), np.float32)}
+        nodes = sorted(transport.node_ids(min_nodes=fed.sampled_per_round,
+                                          timeout=min(fed.round_timeout, 300.0)))
+        if self.observer:
+            self.observer.round_started(0, len(nodes))
+        request = TrainRequest(self.run_id, 0, cfg, label_names, template, phase=PHASE_CENTER)
+
+        def on_reply(_nid: int) -> None:
+            if self.observer:
+                self.observer.node_replied(0)
+
+        rows: list[dict[str, Any]] = []
+        audit: list[tuple[str, str, dict[str, Any]]] = []
+        ledgers: list[tuple[str, TrainReply]] = []
+        mean: dict[str, np.ndarray] | None = None
+        count = examples = 0
+        if self.secure_aggregation:
+            result = transport.train_secure({nid: request for nid in nodes},
+                                            timeout=fed.round_timeout, on_reply=on_reply)
+            for nid in nodes:
+                reply = result.replies.get(nid, "no reply before the round timeout")
+                rows.append(self._reply_row(0, nid, reply, audit, ledgers))
+                if isinstance(reply, TrainReply) and reply.ok and nid not in result.aggregated:
+                    rows[-1].update(status="dropped", reason=result.reasons.get(nid)
+                                    or result.error or "dropped out of the secure aggregation")
+            if result.mean is not None and result.aggregated:
+                mean, count = result.mean, len(result.aggregated)
+                examples = int(result.total_weight)
+            if result.clipped:
+                self._warn(f"round 0: {result.clipped} feature-mean coordinate(s) were clipped "
+                           f"to ±{cfg.secagg.clip:g} before secure aggregation")
+        else:
+            replies = transport.train({nid: request for nid in nodes},
+                                      timeout=fed.round_timeout, on_reply=on_reply)
+            good: list[tuple[dict[str, np.ndarray], float]] = []
+            for nid in nodes:
+                reply = replies.get(nid, "no reply before the round timeout")
+                row = self._reply_row(0, nid, reply, audit, ledgers)
+                if isinstance(reply, TrainReply) and reply.ok:
+                    try:
+                        n = float(reply.metrics["num_examples"])
+                        # Clipped features average to norm ≤ 1; the noise's norm concentrates
+                        # at σ sqrt(H) / n (relative spread ~4 %): twice that is never honest.
+                        bound = 1.0 + 2.0 * sigma * np.sqrt(template[CENTER_KEY].size) / n
+                        validate_update(reply.arrays, template, max_norm=bound)
+                        good.append((reply.arrays, n))
+                    except (UpdateRejected, KeyError, ZeroDivisionError) as e:
+                        self._reject(row, 0, f"feature mean rejected: {e}", audit)
+                rows.append(row)
+            if good:
+                mean, count = fedavg(good), len(good)
+                examples = int(sum(w for _, w in good))
+        for name, reply in ledgers:
+            p = cfg.privacy
+            self.store.record_ledger(self.run_id, name, kind="example", delta=p.delta,
+                                     accountant=reply.accountant or p.accountant,
+                                     entries=reply.ledger)
+        info: dict[str, Any] = {"noise_multiplier": sigma, "requested": len(nodes)}
+        if mean is None or count < fed.min_nodes or not np.isfinite(mean[CENTER_KEY]).all():
+            info.update(used=False, nodes=count,
+                        reason=f"{count} usable feature mean(s), federation.min_nodes="
+                               f"{fed.min_nodes}")
+        else:
+            est = estimate_center(mean[CENTER_KEY], nodes=count, examples=examples,
+                                  noise_multiplier=sigma)
+            info.update(est.summary())
+            if est.usable:
+                self._center = est.center
+                info["vector"] = [float(x) for x in est.center]
+            else:
+                info["reason"] = (f"too noisy: estimated signal {est.signal_norm:.3f} < "
+                                  f"{MIN_CENTER_SNR:g} × expected noise norm "
+                                  f"{est.expected_noise_norm:.3f} ({examples} examples over "
+                                  f"{count} node(s) at σ={sigma:g})")
+        self.store.update_run(self.run_id, feature_center=info)
+        public = {k: v for k, v in info.items() if k != "vector"}
+        audit.append(("coordinator", "feature_center", {
+            **public, "center_sha256": None if self._center is None
+            else sha256_hex(self._center.astype("<f4").tobytes())}))
+        if self._center is not None:
+            self._info(f"feature centre from {count} node(s), {examples} examples: norm "
+                       f"{info['norm']:.3f}, expected noise norm "
+                       f"{info['expected_noise_norm']:.3f}; the head trains on centred features")
+        else:
+            self._warn(f"feature centring skipped ({info['reason']}): the head trains on "
+                       "uncentred features; ε the nodes spent on the release stays in their "
+                       "ledgers (round 0)")
+        return rows, audit
+
     def _sample(self, rnd: int, attempt: int, transport: Transport) -> list[int]:
         cfg = self.config
         fed = cfg.federation
@@ -415,7 +549,8 @@ class Coordinator:
         chosen = self._sample(rnd, attempt, transport)
         if self.observer:
             self.observer.round_started(rnd, len(chosen))
-        request = TrainRequest(self.run_id, rnd, cfg, label_names, global_state)
+        request = TrainRequest(self.run_id, rnd, cfg, label_names, global_state,
+                               feature_center=self._center)
         if self.secure_aggregation:
             return self._secure_attempt(rnd, transport, global_state, request, chosen)
         replies = transport.train(

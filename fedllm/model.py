@@ -310,6 +310,14 @@ def _head_bias_key(state: dict[str, Any]) -> str:
     return keys[0]
 
 
+def feature_dim(loaded: LoadedModel) -> int:
+    """H, the size of the pooled features a ``seq-cls`` head reads (the centre's shape)."""
+    clf = _classifier(loaded.model)
+    if clf is None:
+        raise ModelError("feature centring applies to seq-cls models only")
+    return int(clf.feature_center.shape[0])
+
+
 def set_feature_center(model: nn.Module, center: np.ndarray | None) -> None:
     """Train the head of a ``seq-cls`` model on ``pooled - center`` (None: uncentred) without
     changing the function the model computes (the bias absorbs ``W center``).

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +38,9 @@ from fedllm.data import (
 from fedllm.model import LoadedModel, load_run_model
 from fedllm.privacy import NodeLedger, PrivacyError, ledger_path, plan_dp_sgd
 from fedllm.protocol import (
+    CENTER_KEY,
+    PHASE_CENTER,
+    PHASE_TRAIN,
     STATUS_OK,
     STATUS_REFUSED,
     TrainReply,
@@ -46,7 +50,7 @@ from fedllm.protocol import (
 )
 from fedllm.sealed import SealedDir, SealedError
 from fedllm.store import fedllm_home
-from fedllm.train import DPParams, train_for_run
+from fedllm.train import DPParams, private_feature_mean, train_for_run
 
 log = logging.getLogger(__name__)
 
@@ -347,8 +351,12 @@ class NodeRuntime:
 
     def train(self, request: TrainRequest, *, identity: NodeIdentity,
               data: NodeDataSpec) -> TrainReply:
+        """One request of the run: train a round (PHASE_TRAIN) or, before round 1, release
+        the DP feature mean that centres the head (PHASE_CENTER). Both are releases of the
+        node's data: budget-checked, recorded in its ledger and stored for replay first."""
         cfg = request.config
         p = cfg.privacy
+        center_phase = request.phase == PHASE_CENTER
         reply = TrainReply(node=identity.name, status=STATUS_OK)
         # The operator's limits come first: no data is read for a run the node will not join.
         if not p.enabled and not identity.allow_no_dp:
@@ -357,8 +365,19 @@ class NodeRuntime:
         if p.enabled and identity.max_delta is not None and p.delta > identity.max_delta:
             return self._refuse(reply, {}, None, f"the run asks for δ={p.delta:g}, above this "
                                 f"node's limit δ ≤ {identity.max_delta:g}")
+        if request.phase not in (PHASE_TRAIN, PHASE_CENTER):
+            return self._refuse(reply, {}, None, f"unknown request phase {request.phase!r}")
+        if center_phase and not cfg.centers_features:
+            return self._refuse(reply, {}, None, "a feature-centre release was requested, but "
+                                "the run's plan does not centre features with DP "
+                                "(train.center_features)")
         loaded = self.model(cfg, request.label_names)
-        loaded.load_adapter_state(request.arrays)
+        if cfg.model.task == "seq-cls":
+            # Keeps the model's function (the head's bias absorbs W c); the wire state stays
+            # uncentred, so the order with load_adapter_state does not matter.
+            loaded.set_feature_center(request.feature_center)
+        if not center_phase:
+            loaded.load_adapter_state(request.arrays)
         secret = node_secret(identity.state_dir)
         node_data = self.data(data, loaded, request.label_names, cfg.model.max_length,
                               secret=secret)
@@ -368,20 +387,33 @@ class NodeRuntime:
         seed = _round_seed(secret, request.run_id, request.round)
         metrics: dict[str, float] = {}
         _protection_metrics(metrics, node_data)
-        # Node-side evaluation of the received global model rides on the train reply (one
-        # message per round); it spends no training ε: the held-out rows are never trained on.
-        self._evaluate_received(loaded, node_data, reply, cfg.evaluation.bins)
+        if not center_phase:
+            # Node-side evaluation of the received global model rides on the train reply (one
+            # message per round); it spends no training ε: the held-out rows are never trained
+            # on.
+            self._evaluate_received(loaded, node_data, reply, cfg.evaluation.bins)
 
         dp: DPParams | None = None
         ledger: NodeLedger | None = None
         box: SealedDir | None = None
         lpath = ledger_path(identity.state_dir, node_data.fingerprint)
+        what = "releasing the feature centre" if center_phase else "training this round"
         if p.enabled:
-            plan = plan_dp_sgd(num_examples=len(ds), batch_size=cfg.train.batch_size,
-                               local_epochs=cfg.train.local_epochs,
-                               rounds=cfg.federation.rounds, target_epsilon=p.target_epsilon,
-                               delta=p.delta, accountant=p.accountant,
-                               noise_multiplier=p.noise_multiplier, project=False)
+            if center_phase:
+                planned = list(cfg.center_prior())
+                sigma, q = p.center_noise_multiplier, 1.0
+            else:
+                # σ is calibrated around the centring release (if the run centres), so the
+                # target ε holds with it; the plan is the same whether or not this node sent
+                # one (then it just ends a little below the target).
+                plan = plan_dp_sgd(num_examples=len(ds), batch_size=cfg.train.batch_size,
+                                   local_epochs=cfg.train.local_epochs,
+                                   rounds=cfg.federation.rounds, target_epsilon=p.target_epsilon,
+                                   delta=p.delta, accountant=p.accountant,
+                                   noise_multiplier=p.noise_multiplier, project=False,
+                                   prior=cfg.center_prior())
+                planned = plan.round_history()
+                sigma, q = plan.noise_multiplier, plan.sample_rate
             try:  # sealed node state: a deleted or tampered ledger -> refuse, never reset
                 box = open_node_state(identity)
                 ledger = NodeLedger.load_or_create(lpath, node=identity.name,
@@ -393,9 +425,8 @@ class NodeRuntime:
             limit = identity.epsilon_limit if identity.epsilon_limit is not None \
                 else p.epsilon_limit
             reply.accountant = p.accountant
-            metrics.update(delta=p.delta, epsilon_limit=limit,
-                           noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                           num_examples=len(ds))
+            metrics.update(delta=p.delta, epsilon_limit=limit, noise_multiplier=sigma,
+                           sample_rate=q, num_examples=len(ds))
             spent = ledger.epsilon()
             if ledger.has_round(request.run_id, request.round):
                 # A retried or resumed round: re-send exactly what was released (no new ε);
@@ -407,33 +438,44 @@ class NodeRuntime:
                 if replay is None:
                     return self._refuse(reply, metrics, ledger,
                                         f"round {request.round} of run {request.run_id} was "
-                                        "already trained by this node and its release is not "
-                                        "stored (no update is trained twice)")
+                                        "already released by this node and the release is not "
+                                        "stored (nothing is released twice)")
                 reply.arrays, reply.metrics = replay
                 reply.metrics["replayed"] = 1
                 reply.ledger = [asdict(e) for e in ledger.entries]
                 return reply
-            projected = ledger.epsilon(extra=plan.round_history())
+            projected = ledger.epsilon(extra=planned)
             if projected > limit:
                 return self._refuse(reply, metrics, ledger,
-                                    f"privacy budget exhausted: training this round would take "
-                                    f"ε from {spent:.3f} to {projected:.3f} > limit {limit:g} "
+                                    f"privacy budget exhausted: {what} would take ε from "
+                                    f"{spent:.3f} to {projected:.3f} > limit {limit:g} "
                                     f"(δ={p.delta:g})")
-            dp = DPParams(noise_multiplier=plan.noise_multiplier, max_grad_norm=p.max_grad_norm,
+            dp = DPParams(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
                           accountant=p.accountant)
 
-        result = train_for_run(loaded, ds, cfg.train, dp=dp, seed=seed)
-        arrays = loaded.adapter_state()
-        if cfg.central_dp.enabled:
-            # Node-level DP: bound this node's influence before anything leaves it.
-            arrays, _ = clip_update(arrays, request.arrays, clip_norm=cfg.central_dp.clip_norm)
-        metrics.update(num_examples=result.num_examples, steps=result.steps,
-                       sample_rate=result.sample_rate, train_loss=result.mean_loss,
-                       seconds=result.seconds)
+        if center_phase:
+            t0 = time.perf_counter()
+            fm = private_feature_mean(loaded, ds, noise_multiplier=p.center_noise_multiplier,
+                                      seed=seed, physical_batch_size=cfg.train.physical_batch_size)
+            arrays = {CENTER_KEY: fm.mean}
+            history = fm.history()
+            metrics.update(num_examples=fm.num_examples, steps=1, sample_rate=1.0,
+                           seconds=time.perf_counter() - t0)
+        else:
+            result = train_for_run(loaded, ds, cfg.train, dp=dp, seed=seed)
+            arrays = loaded.adapter_state()
+            if cfg.central_dp.enabled:
+                # Node-level DP: bound this node's influence before anything leaves it.
+                arrays, _ = clip_update(arrays, request.arrays,
+                                        clip_norm=cfg.central_dp.clip_norm)
+            history = result.history
+            metrics.update(num_examples=result.num_examples, steps=result.steps,
+                           sample_rate=result.sample_rate, train_loss=result.mean_loss,
+                           seconds=result.seconds)
         if ledger is not None:
             assert box is not None
-            # Persist the spend and the release *before* the update leaves the node.
-            metrics["epsilon"] = ledger.record(request.run_id, request.round, result.history,
+            # Persist the spend and the release *before* anything leaves the node.
+            metrics["epsilon"] = ledger.record(request.run_id, request.round, history,
                                                user_cap=node_data.user_cap)
             user = ledger.user_level()
             if user.epsilon is not None and user.delta is not None:

@@ -116,6 +116,17 @@ def independent_epsilon(history: Iterable[tuple[float, float, int]], *, delta: f
 
 
 @lru_cache(maxsize=256)
+def check_prior_fits(prior: tuple[tuple[float, float, int], ...], *, epsilon_limit: float,
+                     delta: float, accountant: str, what: str) -> float:
+    """ε of the releases planned before training; PrivacyError if they alone reach the limit
+    (every node would refuse them, or have nothing left to train with). Returns that ε."""
+    eps = compute_epsilon(prior, delta=delta, accountant=accountant) if prior else 0.0
+    if eps >= epsilon_limit:
+        raise PrivacyError(f"{what} alone spends ε = {eps:.3f} ≥ the limit {epsilon_limit:g} "
+                           f"(δ={delta:g}): raise its noise multiplier or turn it off")
+    return eps
+
+
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str, prior: tuple[tuple[float, float, int], ...] = ()) -> float:
     """Smallest σ (to 0.01 in ε) such that ``steps`` DP-SGD steps at rate q give ≤ target ε.

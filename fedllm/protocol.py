@@ -16,6 +16,13 @@ import numpy as np
 
 from fedllm.config import REDACTION_ENTITIES, RunConfig
 
+# What a request asks of a node. "center": before round 1, release a DP mean of the pooled
+# features (fedllm.train.private_feature_mean) as arrays {CENTER_KEY: (H,)}, weighted by the
+# node's examples, so FedAvg (or SecAgg's weighted mean) of the replies is the global centre.
+PHASE_TRAIN = "train"
+PHASE_CENTER = "center"
+CENTER_KEY = "feature_center"
+
 STATUS_OK = "ok"
 STATUS_REFUSED = "refused"  # the node declined (e.g. its privacy budget would be exceeded)
 
@@ -43,7 +50,12 @@ class TrainRequest:
     round: int
     config: RunConfig
     label_names: tuple[str, ...]
+    # PHASE_TRAIN: the global adapter. PHASE_CENTER: {CENTER_KEY: zeros (H,)}, the shape of the
+    # reply (SecAgg masks the reply's difference to it).
     arrays: dict[str, np.ndarray]
+    phase: str = PHASE_TRAIN
+    # The run's feature centre (H,) the node trains the head around; None = uncentred.
+    feature_center: np.ndarray | None = None
 
 
 @dataclass

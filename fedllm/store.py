@@ -168,6 +168,9 @@ _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("node_rounds", "user_delta", "REAL"),
     ("node_rounds", "max_examples_per_user", "INTEGER"),
     ("node_rounds", "num_users", "INTEGER"),
+    # train.center_features: what the coordinator did with the nodes' DP feature means (JSON:
+    # used, nodes, examples, norms, reason; "vector" = the centre itself when used)
+    ("runs", "feature_center_json", "TEXT"),
 )
 
 CENTRAL_LEDGER_ID = "*central*"  # node_id of the coordinator's node-level DP ledger
@@ -261,12 +264,15 @@ class Store:
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         allowed = {"model_bytes", "adapter_bytes", "label_names", "adapter_path", "state",
-                   "error", "finished_at"}
+                   "error", "finished_at", "feature_center"}
         bad = set(fields) - allowed
         if bad:
             raise StoreError(f"cannot update run fields {sorted(bad)}")
         if "label_names" in fields:
             fields["label_names"] = json.dumps(list(fields["label_names"]))
+        if "feature_center" in fields:
+            fields["feature_center_json"] = json.dumps(fields.pop("feature_center"),
+                                                       sort_keys=True)
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self._tx() as c:
             cur = c.execute(f"UPDATE runs SET {cols} WHERE run_id = ?", (*fields.values(), run_id))
@@ -424,6 +430,15 @@ class Store:
             return None
         return int(row["round"]), bytes(row["adapter_npz"]), str(row["sha256"])
 
+    def feature_center_vector(self, run_id: str) -> list[float] | None:
+        """The run's feature centre (train.center_features), if it used one."""
+        row = self._conn.execute("SELECT feature_center_json FROM runs WHERE run_id = ?",
+                                 (self.resolve_run_id(run_id),)).fetchone()
+        if row is None or not row[0]:
+            return None
+        vector = json.loads(row[0]).get("vector")
+        return None if vector is None else [float(x) for x in vector]
+
     def ledger(self, run_id: str) -> list[dict[str, Any]]:
         """Every stored ledger entry of a run, per node in order (central DP under
         CENTRAL_LEDGER_ID)."""
@@ -451,7 +466,13 @@ class Store:
         return out
 
     def _run_dict(self, row: sqlite3.Row) -> dict[str, Any]:
-        d = {k: row[k] for k in row.keys() if k not in ("config_json", "label_names")}  # noqa: SIM118
+        d = {k: row[k] for k in row.keys()  # noqa: SIM118
+             if k not in ("config_json", "label_names", "feature_center_json")}
+        # The centring decision without the vector itself (feature_center_vector() has it).
+        fc = json.loads(row["feature_center_json"]) \
+            if "feature_center_json" in row.keys() and row["feature_center_json"] else None  # noqa: SIM118
+        d["feature_center"] = None if fc is None else {k: v for k, v in fc.items()
+                                                       if k != "vector"}
         d["dp_enabled"] = bool(d["dp_enabled"])
         d["secure_transport"] = bool(d["secure_transport"])
         d["secure_aggregation"] = bool(d["secure_aggregation"])

@@ -185,12 +185,15 @@ def private_feature_mean(loaded: LoadedModel, dataset: TokenizedDataset, *,
     collate = Collator(pad_token_id=int(loaded.tokenizer.pad_token_id))
     lengths = dataset.lengths()
     total = torch.zeros(base.feature_center.shape[0], dtype=torch.float64)
-    for chunk in split_logical(np.arange(len(dataset)), lengths, device=loaded.device,
-                               physical_batch_size=physical_batch_size):
-        batch = _to(collate([dataset[int(i)] for i in chunk]), loaded.device)
-        x = base.pooled(batch["input_ids"], batch["attention_mask"]).double()  # (B, H)
-        scale = (clip_norm / x.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)  # (B,)
-        total += (x * scale[:, None]).sum(dim=0).cpu()
+    # The frozen base's features (LoRA bypassed): the same statistic whatever adapter a cached
+    # model last held, and what a fresh adapter (LoRA B = 0) computes before round 1.
+    with loaded.model.disable_adapter():
+        for chunk in split_logical(np.arange(len(dataset)), lengths, device=loaded.device,
+                                   physical_batch_size=physical_batch_size):
+            batch = _to(collate([dataset[int(i)] for i in chunk]), loaded.device)
+            x = base.pooled(batch["input_ids"], batch["attention_mask"]).double()  # (B, H)
+            scale = (clip_norm / x.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)  # (B,)
+            total += (x * scale[:, None]).sum(dim=0).cpu()
     loaded.model.train(was_training)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.normal(0.0, noise_multiplier * clip_norm, size=total.shape,

@@ -12,7 +12,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedllm.config import config_from_dict
-from fedllm.protocol import REPLY_METRICS, TrainReply, TrainRequest
+from fedllm.protocol import CENTER_KEY, PHASE_TRAIN, REPLY_METRICS, TrainReply, TrainRequest
 
 
 def _arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -24,25 +24,32 @@ def _arrays_dict(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def request_to_content(req: TrainRequest) -> RecordDict:
-    return RecordDict({
+    rd = RecordDict({
         "arrays": _arrays_record(req.arrays),
         "plan": ConfigRecord({
             "run-id": req.run_id,
             "round": req.round,
+            "phase": req.phase,
             "config-json": json.dumps(req.config.to_dict()),
             "label-names-json": json.dumps(list(req.label_names)),
         }),
     })
+    if req.feature_center is not None:
+        rd["center"] = _arrays_record({CENTER_KEY: req.feature_center})
+    return rd
 
 
 def content_to_request(content: RecordDict) -> TrainRequest:
     plan = content.config_records["plan"]
+    center = content.array_records.get("center")
     return TrainRequest(
         run_id=str(plan["run-id"]),
         round=int(plan["round"]),  # type: ignore[arg-type]
         config=config_from_dict(json.loads(str(plan["config-json"])), "coordinator's plan"),
         label_names=tuple(json.loads(str(plan["label-names-json"]))),
         arrays=_arrays_dict(content.array_records["arrays"]),
+        phase=str(plan.get("phase", PHASE_TRAIN)),
+        feature_center=None if center is None else center[CENTER_KEY].numpy(),
     )
 
 

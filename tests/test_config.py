@@ -104,3 +104,22 @@ def test_node_data_protection_sections(tmp_path):
         load_node_config(p)
     with pytest.raises(ConfigError, match="needs data.user_column"):
         load_config(None, {"data.max_examples_per_user": 5})
+
+
+def test_feature_centring_is_on_for_dp_classification_only():
+    cfg = load_config(None, {})
+    assert cfg.centers_features and cfg.center_prior() == ((20.0, 1.0, 1),)
+    no_dp = load_config(None, {"privacy.enabled": False, "privacy.allow_no_dp": True})
+    central = load_config(None, {"central_dp.enabled": True})
+    lm = load_config(None, {"model.task": "causal-lm"})
+    off = load_config(None, {"train.center_features": "off"})
+    for c in (no_dp, central, lm, off):
+        assert not c.centers_features and c.center_prior() == ()
+    for over, needle in (
+            ({"privacy.enabled": False, "privacy.allow_no_dp": True}, "privacy.enabled"),
+            ({"model.task": "causal-lm"}, "seq-cls heads only"),
+            ({"central_dp.enabled": True}, "central_dp.enabled")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(None, {**over, "train.center_features": "on"})
+    with pytest.raises(ConfigError, match="center_noise_multiplier"):
+        load_config(None, {"privacy.center_noise_multiplier": 0})

@@ -90,6 +90,12 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path):
         events = [e.event for e in store.audit_entries("run-x")]
     assert "run_interrupted" in events and "run_resumed" in events
     assert verify_chain(Store(b / "fedllm.db", read_only=True).audit_entries("run-x")).ok
+    # 36 examples a node at σ = 20: the centre's noise (norm ~6) drowns the mean; the run says
+    # so and trains uncentred, the release's ε stays in the ledgers (round 0)
+    fc = ib["feature_center"]
+    assert fc["used"] is False and "too noisy" in fc["reason"] and fc["nodes"] == 3
+    assert any("feature centring skipped" in e["message"] for e in ib["events"])
+    assert [e["entry_round"] for e in lb if e["node_id"] == "node-0"] == [0, 1, 2, 3]
 
 
 class Faulty(LocalTransport):
@@ -207,9 +213,13 @@ def test_nan_wrong_shape_and_oversize_updates_are_rejected(tmp_path):
     assert "exceeds the bound" in rows["node-3"]["reason"]
     assert summary.rounds[1].num_aggregated == 2
     with Store(tmp_path / "fedllm.db", read_only=True) as store:
-        rejected = [e.payload["node"] for e in store.audit_entries("run-x")
-                    if e.event == "update_rejected"]
-    assert sorted(rejected) == ["node-1", "node-2", "node-3"]
+        rejected = [(e.payload["round"], e.payload["node"], e.payload["reason"])
+                    for e in store.audit_entries("run-x") if e.event == "update_rejected"]
+    assert sorted(r[:2] for r in rejected) == [(r, f"node-{i}") for r in (0, 1) for i in (1, 2, 3)]
+    # round 0: their feature means went the same way (a mean no honest release can have too)
+    centre = {node: why for rnd, node, why in rejected if rnd == 0}
+    assert "NaN" in centre["node-1"] and "shape" in centre["node-2"]
+    assert "exceeds the bound" in centre["node-3"]
 
 
 def test_central_dp_is_applied_and_accounted(tmp_path):
@@ -245,3 +255,68 @@ def test_audit_chain_detects_one_changed_byte(tmp_path):
     with Store(db, read_only=True) as store:
         check = verify_chain(store.audit_entries("run-x"))
     assert not check.ok and check.first_bad_seq == target.seq and "payload" in check.reason
+
+
+class Recording(CrashAt):
+    """Keeps every request's centre and the round-0 (feature-mean) replies."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.centers, self.released = {}, {}
+
+    def train(self, requests, *, timeout, on_reply):
+        out = super().train(requests, timeout=timeout, on_reply=on_reply)
+        for nid, req in requests.items():
+            self.centers.setdefault(req.round, []).append(req.feature_center)
+            if req.phase == "center":
+                self.released[nid] = out[nid]
+        return out
+
+
+def test_feature_centre_is_released_once_used_and_survives_a_resume(tmp_path):
+    """train.center_features: every node releases a DP feature mean in round 0 (in its ledger);
+    the example-weighted mean becomes the run's centre, stored with the run and sent in every
+    train request, also after a resume; σ is calibrated around the release (ε ends at 8)."""
+    from fedllm.aggregate import fedavg
+    from fedllm.protocol import CENTER_KEY
+
+    cfg = tiny_config(**{"data.max_examples": 600, "privacy.center_noise_multiplier": 2.0,
+                         "privacy.target_epsilon": 8.0})
+    first = Recording(tmp_path, 3, rnd=2, after=0)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, cfg, first)
+    second = Recording(tmp_path, 3, rnd=-1, after=0)
+    run(tmp_path, cfg, second, resume=True)
+    info, _, ledger = stored(tmp_path)
+    fc = info["feature_center"]
+    assert fc["used"] is True and fc["nodes"] == 3 and fc["noise_multiplier"] == 2.0
+    assert fc["expected_noise_norm"] < 0.5 * fc["signal_norm"]
+    with Store(tmp_path / "fedllm.db", read_only=True) as store:
+        center = np.asarray(store.feature_center_vector("run-x"), np.float32)
+        audit = {e.event: e.payload for e in store.audit_entries("run-x")}
+    replies = [(r.arrays, r.metrics["num_examples"]) for r in first.released.values()]
+    np.testing.assert_allclose(center, fedavg(replies)[CENTER_KEY], atol=1e-6)
+    assert fc["examples"] == sum(n for _, n in replies) and fc["norm"] == pytest.approx(
+        float(np.linalg.norm(center)), abs=1e-5)
+    assert audit["feature_center"]["used"] is True and audit["feature_center"]["center_sha256"]
+    assert first.centers[0] == [None] * 3  # the release itself is computed uncentred
+    for c in first.centers[1] + second.centers[2]:  # before and after the resume
+        np.testing.assert_array_equal(c, center)
+    round0 = info["rounds"][0]["nodes"]
+    assert [(n["status"], n["noise_multiplier"], n["sample_rate"], n["steps"])
+            for n in round0] == [("ok", 2.0, 1.0, 1)] * 3
+    for pid in range(3):
+        mine = [e for e in ledger if e["node_id"] == f"node-{pid}"]
+        assert [e["entry_round"] for e in mine] == [0, 1, 2]
+        assert mine[0]["noise_multiplier"] == 2.0 and mine[0]["sample_rate"] == 1.0
+        assert 7.9 < mine[-1]["epsilon"] <= 8.0
+
+
+def test_a_centre_release_that_spends_the_budget_fails_before_anything_runs(tmp_path):
+    cfg = tiny_config(**{"privacy.center_noise_multiplier": 0.3})
+    with pytest.raises(RunFailed, match=r"feature-centre release .* alone spends ε = .* ≥ the "
+                                        r"limit 4"):
+        run(tmp_path, cfg, LocalTransport(tmp_path, 3))
+    info, ck, ledger = stored(tmp_path)
+    assert info["state"] == "failed" and ck is None and ledger == []
+    assert not list(tmp_path.glob("runs/run-x/nodes/*/ledger-*"))

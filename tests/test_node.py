@@ -78,6 +78,54 @@ def test_a_retried_round_resends_the_same_release_without_spending_again(
     assert lost.status == "refused" and "was deleted" in lost.reason
 
 
+def test_feature_centre_release_is_a_budgeted_replayable_round_zero(runtime_and_config,
+                                                                   tmp_path):
+    """PHASE_CENTER: one Gaussian release (σ, q = 1, 1 step) recorded as round 0 before it
+    leaves; a retry re-sends it; the training plan's σ leaves room for it; a train request's
+    centre is applied to the cached model, and None resets it."""
+    from fedllm.privacy import compute_epsilon, plan_dp_sgd
+    from fedllm.protocol import CENTER_KEY, PHASE_CENTER
+
+    rt, cfg, arrays = runtime_and_config
+    assert cfg.centers_features  # "auto": DP seq-cls
+    ident = NodeIdentity("node-0", tmp_path)
+    spec = simulated_node_data(cfg, 0)
+    zeros = {CENTER_KEY: np.zeros(384, np.float32)}
+    center = TrainRequest("run-a", 0, cfg, ("0", "1"), zeros, phase=PHASE_CENTER)
+    r0 = rt.train(center, identity=ident, data=spec)
+    assert r0.ok and set(r0.arrays) == {CENTER_KEY} and r0.arrays[CENTER_KEY].shape == (384,)
+    m = r0.metrics
+    assert (m["noise_multiplier"], m["sample_rate"], m["steps"]) == (20.0, 1.0, 1)
+    assert m["num_examples"] == 54 and r0.eval_counts is None  # nothing trained or evaluated
+    alone = compute_epsilon([(20.0, 1.0, 1)], delta=1e-5, accountant="prv")
+    assert m["epsilon"] == pytest.approx(alone) and alone == pytest.approx(0.161, abs=1e-3)
+    assert [(e["round"], e["noise_multiplier"]) for e in r0.ledger] == [(0, 20.0)]
+    again = rt.train(center, identity=ident, data=spec)
+    assert again.metrics["replayed"] == 1 and len(again.ledger) == 1
+    assert np.array_equal(again.arrays[CENTER_KEY], r0.arrays[CENTER_KEY])
+    # training composes on top, with σ calibrated around the release: ε ends at the target
+    c = r0.arrays[CENTER_KEY]
+    r1 = rt.train(TrainRequest("run-a", 1, cfg, ("0", "1"), arrays, feature_center=c),
+                  identity=ident, data=spec)
+    plan = plan_dp_sgd(num_examples=54, batch_size=30, local_epochs=1, rounds=2,
+                       target_epsilon=4.0, delta=1e-5, accountant="prv",
+                       prior=((20.0, 1.0, 1),))
+    assert r1.ok and r1.metrics["noise_multiplier"] == pytest.approx(plan.noise_multiplier)
+    assert [e["round"] for e in r1.ledger] == [0, 1] and r1.metrics["epsilon"] > alone
+    clf = rt.model(cfg, ("0", "1")).model.get_base_model()
+    assert np.allclose(clf.feature_center.numpy(), c)
+    # the wire state stays uncentred: the reply loads into an uncentred model unchanged
+    rt.train(request(cfg, arrays, 1, run_id="run-z"), identity=NodeIdentity("z", tmp_path / "z"),
+             data=spec)
+    assert not clf.feature_center.any()
+    # a run that does not centre does not get a release out of the node
+    off = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"center_features": "off"})})
+    r = rt.train(TrainRequest("run-b", 0, off, ("0", "1"), zeros, phase=PHASE_CENTER),
+                 identity=NodeIdentity("node-0", tmp_path / "b"), data=spec)
+    assert r.status == "refused" and "does not centre features" in r.reason
+
+
 def test_operator_refuses_larger_delta_and_dp_off(runtime_and_config, tmp_path):
     rt, cfg, arrays = runtime_and_config
     spec = simulated_node_data(cfg, 0)

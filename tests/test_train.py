@@ -278,6 +278,20 @@ def test_private_feature_mean_is_the_clipped_mean_plus_calibrated_noise(setup):
     assert abs(float(z.mean())) < 0.2 and 0.85 < float(z.std()) < 1.15
     again = private_feature_mean(lm, ds, noise_multiplier=20.0, seed=3)
     assert np.array_equal(again.mean, noisy.mean)  # the seed fixes the noise
+    # The frozen base's features whatever the adapter holds (a cached node model carries the
+    # last round's LoRA): a trained LoRA changes the pooled features, not this statistic.
+    saved = lm.adapter_state()
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        lm.model.eval()
+        moved = clf.pooled(torch.tensor([ds.input_ids[0]]),
+                           torch.ones(1, len(ds.input_ids[0]), dtype=torch.long))[0].numpy()
+    assert not np.allclose(moved, x[0].numpy(), atol=1e-3)
+    assert np.allclose(private_feature_mean(lm, ds, noise_multiplier=1e-6, seed=0).mean,
+                       exact, atol=1e-5)
+    lm.load_adapter_state(saved)
     with pytest.raises(ValueError, match="positive"):
         private_feature_mean(lm, ds, noise_multiplier=0.0, seed=0)
     lm.model.eval()

@@ -84,9 +84,27 @@ def render(run: dict[str, Any]) -> None:
         st.caption("No node refused a round (no budget exhaustion recorded).")
     else:
         st.dataframe(refused, hide_index=True)
+    _feature_center(run)
     _ledger(run)
     st.caption("ε is cumulative per node as reported by its accountant and stored per round; "
                "same data: `fedllm status <run> --json` and `fedllm privacy <run> --json`.")
+
+
+def _feature_center(run: dict[str, Any]) -> None:
+    """Round 0's release, if the run centred the head's features (train.center_features)."""
+    fc = run.get("feature_center")
+    if not fc:
+        return
+    sigma = fc.get("noise_multiplier")
+    if fc.get("used"):
+        st.caption(f"Round 0: each node released a DP mean of its features (σ = {fmt(sigma)}, "
+                   f"in its ε above) to centre the classification head; centre from "
+                   f"{fc['nodes']} node(s), {fc['examples']:,} examples, norm {fmt(fc['norm'])}"
+                   f", expected noise norm {fmt(fc['expected_noise_norm'])}.")
+    else:
+        st.warning(f"Round 0: the nodes' DP feature means (σ = {fmt(sigma)}, in their ε) were "
+                   f"not used: {fc.get('reason')}. The head trained on uncentred features.",
+                   icon=":material/warning:")
 
 
 def _ledger(run: dict[str, Any]) -> None:

@@ -100,6 +100,12 @@ def print_stored_summary(console: Console, run: dict[str, Any], db_path: str | P
     ratio = adapter_bytes / model_bytes if model_bytes else 0
     console.print(f"update size: {adapter_bytes:,} bytes per node per round "
                   f"({ratio:.2%} of the full model's {model_bytes:,} bytes)")
+    fc = run.get("feature_center")
+    if fc:
+        console.print(
+            f"feature centre: used ({fc['nodes']} node(s), {fc['examples']:,} examples, norm "
+            f"{fc['norm']:.3f}, expected noise norm {fc['expected_noise_norm']:.3f})"
+            if fc.get("used") else f"feature centre: [yellow]skipped[/] ({fc.get('reason')})")
     console.print(f"adapter:   {run.get('adapter_path')}")
     console.print(f"run store: {db_path}")
     if audit_head:
@@ -206,6 +212,11 @@ def run(
     if federation is not None or superlink is not None:
         from fedllm.cli.deploy import submit_and_wait
 
+        try:
+            check_center_budget(cfg)
+        except USER_ERRORS as e:
+            raise err(str(e)) from None
+
         # The nodes' data is theirs: only the coordinator's side is known here.
         submit_and_wait(cfg, run_id, federation=federation or "fedllm", superlink=superlink,
                         root_certificates=root_certificates, insecure=insecure,
@@ -215,6 +226,7 @@ def run(
     from fedllm.node import check_simulation_data
 
     try:  # fail fast, before any process starts or anything is written to the store
+        check_center_budget(cfg)
         sizes = check_simulation_data(cfg, resolve_label_names(cfg))
     except USER_ERRORS as e:
         raise err(str(e)) from None
@@ -302,9 +314,20 @@ def _setup_logging(verbose: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
+def check_center_budget(cfg: RunConfig) -> None:
+    """The feature-centre release must leave budget to train (PrivacyError otherwise)."""
+    from fedllm.privacy import check_prior_fits
+
+    if cfg.centers_features:
+        p = cfg.privacy
+        check_prior_fits(cfg.center_prior(), epsilon_limit=p.epsilon_limit, delta=p.delta,
+                         accountant=p.accountant,
+                         what="the feature-centre release (privacy.center_noise_multiplier)")
+
+
 def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: bool) -> None:
     """The privacy plan of a run before anything trains: per node σ, q, steps, projected ε."""
-    from fedllm.privacy import plan_central_dp, plan_dp_sgd
+    from fedllm.privacy import compute_epsilon, plan_central_dp, plan_dp_sgd
 
     p, t, fed = cfg.privacy, cfg.train, cfg.federation
     plan: dict[str, Any] = {"rounds": fed.rounds, "dp_enabled": p.enabled, "nodes": []}
@@ -315,12 +338,19 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
             dp = plan_dp_sgd(num_examples=n, batch_size=t.batch_size,
                              local_epochs=t.local_epochs, rounds=fed.rounds,
                              target_epsilon=p.target_epsilon, delta=p.delta,
-                             accountant=p.accountant, noise_multiplier=p.noise_multiplier)
+                             accountant=p.accountant, noise_multiplier=p.noise_multiplier,
+                             prior=cfg.center_prior())
             plan["nodes"].append({
                 "node": f"node-{i}", "examples": n, "sample_rate": dp.sample_rate,
                 "expected_batch": round(dp.sample_rate * n, 1),
                 "steps_per_round": dp.steps_per_round, "noise_multiplier": dp.noise_multiplier,
                 "calibrated": dp.calibrated, "projected_epsilon": list(dp.projected_epsilon)})
+    if cfg.centers_features:
+        # Round 0: one Gaussian release of each node's feature mean, in its ε (and in σ above).
+        plan["feature_center"] = {
+            "noise_multiplier": p.center_noise_multiplier, "sample_rate": 1.0, "steps": 1,
+            "epsilon": compute_epsilon(list(cfg.center_prior()), delta=p.delta,
+                                       accountant=p.accountant)}
     if cfg.central_dp.enabled:
         c = cfg.central_dp
         cp = plan_central_dp(num_nodes=fed.num_nodes, nodes_per_round=fed.sampled_per_round,
@@ -350,6 +380,11 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
                         fmt(n["noise_multiplier"], 3),
                         *(fmt(e, 3) for e in n["projected_epsilon"]))
         console.print(tab)
+        if "feature_center" in plan:
+            fc = plan["feature_center"]
+            console.print(f"before round 1 each node releases a DP mean of its features to "
+                          f"centre the head (σ={fc['noise_multiplier']:g}, alone ε="
+                          f"{fc['epsilon']:.3f}; composed into the ε above)")
     if "central_dp" in plan:
         c = plan["central_dp"]
         console.print(f"central DP (node-level): q={c['sample_rate']:.3f}, clip={c['clip_norm']:g}"

@@ -15,7 +15,10 @@ def test_privacy_ledger_verifies_against_dp_accounting(tiny_run):
     rep = json.loads(proc.stdout)
     assert sorted(rep["nodes"]) == ["node-0", "node-1", "node-2"]
     for node in rep["nodes"].values():
-        assert [e["round"] for e in node["entries"]] == [1, 2]
+        # round 0: the feature-centre release (one Gaussian step on all the data)
+        assert [e["round"] for e in node["entries"]] == [0, 1, 2]
+        first = node["entries"][0]
+        assert (first["noise_multiplier"], first["sample_rate"], first["steps"]) == (20.0, 1.0, 1)
         for e in node["entries"]:
             assert e["accountant"] == "prv" and e["delta"] == 1e-5 and e["steps"] > 0
             assert abs(e["epsilon"] - e["epsilon_dp_accounting"]) <= 0.02 * e["epsilon"]
