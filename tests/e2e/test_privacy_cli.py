@@ -62,7 +62,16 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
         eps = n["projected_epsilon"]
         assert len(eps) == 2 and eps[0] < eps[1] <= 8.0 and n["calibrated"]
         assert eps[1] > 7.5  # calibrated for the whole run, not per round
+    # the round-0 feature-centre release is in the plan, and in the projected ε above
+    fc = plan["feature_center"]
+    assert (fc["noise_multiplier"], fc["sample_rate"], fc["steps"]) == (20.0, 1.0, 1)
+    assert abs(fc["epsilon"] - 0.161) < 1e-3
     assert not (tmp_path / "fedllm.db").exists()
+    # a release that alone would spend the budget is refused before anything starts
+    bad = run_cli(["run", *TINY_RUN_ARGS, "--dry-run", "-s", "privacy.center_noise_multiplier=0.3"],
+                  tmp_path)
+    assert bad.returncode == 2 and "feature-centre release" in bad.stderr + bad.stdout
+    assert "alone spends ε" in bad.stderr + bad.stdout
 
 
 def test_reset_ledger_needs_reason_and_confirmation_and_keeps_history(tiny_run, tmp_path):
