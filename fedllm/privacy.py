@@ -115,7 +115,6 @@ def independent_epsilon(history: Iterable[tuple[float, float, int]], *, delta: f
     return float(acc.get_epsilon(delta))
 
 
-@lru_cache(maxsize=256)
 def check_prior_fits(prior: tuple[tuple[float, float, int], ...], *, epsilon_limit: float,
                      delta: float, accountant: str, what: str) -> float:
     """ε of the releases planned before training; PrivacyError if they alone reach the limit
@@ -127,6 +126,7 @@ def check_prior_fits(prior: tuple[tuple[float, float, int], ...], *, epsilon_lim
     return eps
 
 
+@lru_cache(maxsize=256)
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str, prior: tuple[tuple[float, float, int], ...] = ()) -> float:
     """Smallest σ (to 0.01 in ε) such that ``steps`` DP-SGD steps at rate q give ≤ target ε.

@@ -107,6 +107,11 @@ def test_calibration_leaves_room_for_earlier_releases():
     plan = plan_dp_sgd(num_examples=3000, batch_size=1536, local_epochs=1, rounds=3,
                        target_epsilon=target, delta=1e-5, accountant="prv", prior=prior)
     assert plan.noise_multiplier == sigma and plan.projected_epsilon[-1] == pytest.approx(total)
+    # Nodes plan every round with the same inputs: the (seconds-long) calibration is memoised
+    hits = calibrate_noise.cache_info().hits
+    calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps,
+                    accountant="prv", prior=prior)
+    assert calibrate_noise.cache_info().hits == hits + 1
     with pytest.raises(PrivacyError, match="already spend"):
         calibrate_noise(target_epsilon=0.1, delta=1e-5, sample_rate=q, steps=steps,
                         accountant="prv", prior=prior)
