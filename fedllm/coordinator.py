@@ -44,7 +44,7 @@ from fedllm.model import LoadedModel, feature_dim, load_run_model, save_adapter
 from fedllm.privacy import (
     CentralPlan,
     PrivacyError,
-    check_prior_fits,
+    check_center_budget,
     compute_epsilon,
     plan_central_dp,
 )
@@ -226,14 +226,10 @@ class Coordinator:
         model_bytes = adapter_bytes = 0
         stopped: str | None = None
         try:
-            if cfg.centers_features:
-                try:
-                    check_prior_fits(cfg.center_prior(), epsilon_limit=cfg.privacy.epsilon_limit,
-                                     delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
-                                     what="the feature-centre release "
-                                          "(privacy.center_noise_multiplier)")
-                except PrivacyError as e:
-                    raise RunFailed(str(e)) from None
+            try:
+                check_center_budget(cfg)
+            except PrivacyError as e:
+                raise RunFailed(str(e)) from None
             label_names = resolve_label_names(cfg)
             loaded = load_run_model(cfg, label_names)
             eval_ds = eval_dataset(cfg, loaded, label_names)
@@ -378,11 +374,7 @@ class Coordinator:
         reasons: list[str] = []
         for attempt in range(fed.max_round_retries + 1):
             att = self._attempt(rnd, attempt, transport, global_state, label_names)
-            for name, reply in att.ledgers:
-                p = self.config.privacy
-                self.store.record_ledger(self.run_id, name, kind="example", delta=p.delta,
-                                         accountant=reply.accountant or p.accountant,
-                                         entries=reply.ledger)
+            self._record_ledgers(att.ledgers)
             if att.new_state is not None:
                 loaded.load_adapter_state(att.new_state)
                 metrics = self.evaluator.global_model(rnd, loaded)
@@ -477,11 +469,7 @@ class Coordinator:
             if good:
                 mean, count = fedavg(good), len(good)
                 examples = int(sum(w for _, w in good))
-        for name, reply in ledgers:
-            p = cfg.privacy
-            self.store.record_ledger(self.run_id, name, kind="example", delta=p.delta,
-                                     accountant=reply.accountant or p.accountant,
-                                     entries=reply.ledger)
+        self._record_ledgers(ledgers)
         info: dict[str, Any] = {"noise_multiplier": sigma, "requested": len(nodes)}
         if mean is None or count < fed.min_nodes or not np.isfinite(mean[CENTER_KEY]).all():
             info.update(used=False, nodes=count,
@@ -620,6 +608,14 @@ class Coordinator:
             if "budget exhausted" in reply.reason:
                 self._exhausted[nid] = reply.node
         return row
+
+    def _record_ledgers(self, ledgers: list[tuple[str, TrainReply]]) -> None:
+        """The store's copy of each replying node's ledger (the node's file is the authority)."""
+        p = self.config.privacy
+        for name, reply in ledgers:
+            self.store.record_ledger(self.run_id, name, kind="example", delta=p.delta,
+                                     accountant=reply.accountant or p.accountant,
+                                     entries=reply.ledger)
 
     def _reject(self, row: dict[str, Any], rnd: int, reason: str,
                 audit: list[tuple[str, str, dict[str, Any]]]) -> None:

@@ -15,11 +15,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedllm.sealed import SealedDir, SealedError
+
+if TYPE_CHECKING:
+    from fedllm.config import RunConfig
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 
@@ -124,6 +127,16 @@ def check_prior_fits(prior: tuple[tuple[float, float, int], ...], *, epsilon_lim
         raise PrivacyError(f"{what} alone spends ε = {eps:.3f} ≥ the limit {epsilon_limit:g} "
                            f"(δ={delta:g}): raise its noise multiplier or turn it off")
     return eps
+
+
+def check_center_budget(cfg: RunConfig) -> None:
+    """A run's feature-centre release (train.center_features) must leave budget to train:
+    PrivacyError otherwise (the CLI's pre-flight and the coordinator's start)."""
+    if cfg.centers_features:
+        p = cfg.privacy
+        check_prior_fits(cfg.center_prior(), epsilon_limit=p.epsilon_limit, delta=p.delta,
+                         accountant=p.accountant,
+                         what="the feature-centre release (privacy.center_noise_multiplier)")
 
 
 @lru_cache(maxsize=256)

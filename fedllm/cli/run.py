@@ -209,6 +209,8 @@ def run(
                      f"({cfg.privacy.accountant})" if cfg.privacy.enabled else "DP OFF")
                   + (f", SecAgg+ (clip ±{cfg.secagg.clip:g}, {cfg.secagg.bits} bits)"
                      if cfg.secagg.enabled else ""))
+    from fedllm.privacy import check_center_budget
+
     if federation is not None or superlink is not None:
         from fedllm.cli.deploy import submit_and_wait
 
@@ -312,17 +314,6 @@ def _setup_logging(verbose: bool) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-
-
-def check_center_budget(cfg: RunConfig) -> None:
-    """The feature-centre release must leave budget to train (PrivacyError otherwise)."""
-    from fedllm.privacy import check_prior_fits
-
-    if cfg.centers_features:
-        p = cfg.privacy
-        check_prior_fits(cfg.center_prior(), epsilon_limit=p.epsilon_limit, delta=p.delta,
-                         accountant=p.accountant,
-                         what="the feature-centre release (privacy.center_noise_multiplier)")
 
 
 def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: bool) -> None:
