@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 
 from bench._common import finish, set_threads, sst2_paths
-from fedllm.aggregate import fedavg
+from fedllm.aggregate import estimate_class_stats, fedavg
 from fedllm.config import TrainConfig
 from fedllm.data import encode_labels, partition_indices, read_table, tokenize
 from fedllm.evaluate import evaluate
-from fedllm.model import load_model, resolve_device
+from fedllm.model import load_model, resolve_device, with_head
 from fedllm.privacy import compute_epsilon, plan_dp_sgd
-from fedllm.train import DPParams, private_feature_mean, train_local
+from fedllm.train import DPParams, private_class_stats, train_local
 
 LABELS = ("0", "1")
 DEFAULTS = TrainConfig()  # fedllm's own training defaults
@@ -129,18 +129,29 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
         sigmas: list[float] = []
         histories: list[list[tuple[float, float, int]]] = [[] for _ in nodes]
         if eps is not None and not a.no_center:
-            # Each node releases a DP mean of its pooled features (Gaussian, σ = --center-noise,
-            # composed into its ε below); their example-weighted average, as FedAvg would form
-            # it, centres the head's input for the whole run (fedllm.model.set_feature_center).
-            means = [private_feature_mean(lm, ds, noise_multiplier=a.center_noise,
-                                          seed=seed + 7919 * (i + 1))
-                     for i, ds in enumerate(nodes)]
-            center = (sum(m.mean * m.num_examples for m in means)
-                      / sum(m.num_examples for m in means))
-            lm.set_feature_center(center)
-            for h, m in zip(histories, means, strict=True):
-                h.extend(m.history())
-            out["feature_center_norm"] = round(float(np.linalg.norm(center)), 4)
+            # Each node releases DP per-class feature sums and counts (Gaussian, σ =
+            # --center-noise, composed into its ε below); their example-weighted average, as
+            # FedAvg forms it, gives the centre of the head's input for the whole run
+            # (fedllm.model.set_feature_center) and the class means the head starts from, as
+            # fedllm's coordinator does (fedllm.aggregate.estimate_class_stats).
+            sigma_c = per_epsilon(a.center_noise, eps)
+            rel = [private_class_stats(lm, ds, noise_multiplier=sigma_c,
+                                       seed=seed + 7919 * (i + 1))
+                   for i, ds in enumerate(nodes)]
+            est = estimate_class_stats(
+                fedavg([({"s": r.stats}, float(r.num_examples)) for r in rel])["s"],
+                nodes=len(rel), examples=sum(r.num_examples for r in rel),
+                noise_multiplier=sigma_c)
+            for h, r in zip(histories, rel, strict=True):
+                h.extend(r.history())
+            out["class_stats"] = est.summary()
+            if est.usable:
+                lm.set_feature_center(est.center)
+                if est.head_usable and not a.no_head_init:
+                    w, b = est.head()
+                    lm.load_adapter_state(with_head(lm.adapter_state(), weight=w,
+                                                    bias=b - w @ est.center))
+                    out["head_init_accuracy"] = round(evaluate(lm, dev)["accuracy"], 4)
         if eps is not None:  # σ per node, for the whole run after its feature-mean release
             sigmas = [plan_dp_sgd(num_examples=len(ds), batch_size=batch,
                                   local_epochs=a.local_epochs, rounds=a.rounds,
@@ -206,11 +217,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dp-head-lr", default="0.03",
                     help="DP learning rate of the classification head (once or per ε)")
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
-    ap.add_argument("--center-noise", type=float, default=20.0,
-                    help="DP settings: noise multiplier of each node's private feature mean "
-                         "that centres the head's input (adds ~0.02 to ε = 1)")
+    ap.add_argument("--center-noise", default="4",
+                    help="DP settings: noise multiplier of each node's class-statistics release "
+                         "(centre + class means), once or per ε (4: ε ≈ 0.93 of the budget)")
     ap.add_argument("--no-center", action="store_true",
-                    help="DP settings: train the head on uncentred features")
+                    help="DP settings: no class-statistics release (uncentred, random head)")
+    ap.add_argument("--no-head-init", action="store_true",
+                    help="DP settings: centre only; the head starts random")
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--pooling", default="auto", choices=["auto", "mean", "mean-norm", "cls"])

@@ -163,7 +163,7 @@ def privacy_frame(run: Mapping[str, Any]) -> pd.DataFrame:
             "Accountant": _last_value(df, "accountant"),
             "Noise multiplier σ": _last_value(df, "noise_multiplier"),
             "Sample rate q": _last_value(df, "sample_rate"),
-            # Round 0 rows are the feature-centre release (ε spent, nothing trained).
+            # Round 0 rows are the class-statistics release (ε spent, nothing trained).
             "Rounds trained": int(((df["status"] == "ok") & (df["round"] > 0)).sum()),
             "Rounds refused": int((df["status"] == "refused").sum()),
             "Last status": df["status"].iloc[-1],
@@ -193,7 +193,7 @@ def status_rows(run: Mapping[str, Any], statuses: Iterable[str]) -> pd.DataFrame
 
 
 def participation_matrix(run: Mapping[str, Any]) -> pd.DataFrame:
-    """Round × node grid of recorded statuses (round 0: the nodes' feature-centre release, when
+    """Round × node grid of recorded statuses (round 0: the nodes' class-statistics release, when
     the run centres features; else no nodes)."""
     nodes = node_rounds_frame(run)
     if nodes.empty:

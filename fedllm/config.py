@@ -169,13 +169,18 @@ class TrainConfig(_Frozen):
     # (README "Performance": 0.57 -> 0.78 at ε = 1 on the benchmark split's seed 0). On
     # label-skewed nodes at ε = 8 and 3, LoRA at 1e-3 cost ~4 points against 1e-4 (= frozen).
     head_learning_rate: float | None = Field(0.1, gt=0)
-    # Centre the head's input with a DP mean of the nodes' pooled features, released once
-    # before round 1 (seq-cls): without it, a few large-batch AdamW steps on label-skewed nodes
-    # move the head along the features' common mean and FedAvg collapses to one class (README
-    # "Performance": ε = 1, seed 1: 0.54 -> 0.76). "auto" = on for DP seq-cls runs without
-    # central DP; the release costs ε (privacy.center_noise_multiplier), see
-    # fedllm.coordinator.Coordinator._center_phase.
+    # Centre the head's input with the mean of the nodes' pooled features, from a DP release of
+    # per-class feature sums and counts once before round 1 (seq-cls): without it, a few
+    # large-batch AdamW steps on label-skewed nodes move the head along the features' common
+    # mean and FedAvg collapses to one class (README "Performance": ε = 1, seed 1:
+    # 0.54 -> 0.76). "auto" = on for DP seq-cls runs without central DP; the release costs ε
+    # (privacy.center_noise_multiplier), see fedllm.coordinator.Coordinator._center_phase.
     center_features: Literal["auto", "on", "off"] = "auto"
+    # With centring: start the head from the same release's class means ("class-means": the
+    # nearest-class-mean / isotropic-LDA head, fedllm.aggregate.ClassStatsEstimate.head) or
+    # from a small random head ("random"). Free (post-processing). On the benchmark's
+    # label-skewed split at ε = 1 it is worth ~3 points (README "Performance").
+    head_init: Literal["class-means", "random"] = "class-means"
 
 
 class PrivacyConfig(_Frozen):
@@ -190,10 +195,11 @@ class PrivacyConfig(_Frozen):
     # A node never trains a round that would take its cumulative epsilon above this.
     # None = target_epsilon. (Node operators override it in their own node config.)
     max_epsilon: float | None = Field(None, gt=0)
-    # Noise multiplier of each node's feature-mean release (train.center_features): a Gaussian
-    # mechanism on the sum of unit-clipped features, accounted as one DP-SGD step with q = 1.
-    # At 20 it adds ~0.02 to ε = 1 of a 3-round run once σ is recalibrated around it.
-    center_noise_multiplier: float = Field(20.0, gt=0)
+    # Noise multiplier of each node's class-statistics release (train.center_features): a
+    # Gaussian mechanism on per-class sums of unit-clipped features and counts, accounted as
+    # one DP-SGD step with q = 1. At 4: ε ≈ 0.93 alone (PRV, δ = 1e-5), class means near exact
+    # at ~3,000 examples per node; training's σ is recalibrated around it so the target holds.
+    center_noise_multiplier: float = Field(4.0, gt=0)
 
     @model_validator(mode="after")
     def _dp_off_must_be_explicit(self) -> PrivacyConfig:

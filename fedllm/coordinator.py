@@ -25,7 +25,7 @@ from fedllm.aggregate import (
     MIN_CENTER_SNR,
     UpdateRejected,
     central_dp_average,
-    estimate_center,
+    estimate_class_stats,
     fedavg,
     reject_outliers,
     validate_update,
@@ -40,7 +40,7 @@ from fedllm.data import (
     read_table,
     tokenize,
 )
-from fedllm.model import LoadedModel, feature_dim, load_run_model, save_adapter
+from fedllm.model import LoadedModel, feature_dim, load_run_model, save_adapter, with_head
 from fedllm.privacy import (
     CentralPlan,
     PrivacyError,
@@ -49,8 +49,8 @@ from fedllm.privacy import (
     plan_central_dp,
 )
 from fedllm.protocol import (
-    CENTER_KEY,
     PHASE_CENTER,
+    STATS_KEY,
     STATUS_REFUSED,
     TrainReply,
     TrainRequest,
@@ -254,7 +254,14 @@ class Coordinator:
                 center_rows: list[dict[str, Any]] = []
                 audit: list[tuple[str, str, dict[str, Any]]] = []
                 if cfg.centers_features:
-                    center_rows, audit = self._center_phase(transport, loaded, label_names)
+                    center_rows, audit, head = self._center_phase(transport, loaded,
+                                                                  label_names)
+                    if head is not None and self._center is not None:
+                        # The wire form is uncentred: b - W c (fedllm.model.adapter_state).
+                        w, b = head
+                        global_state = with_head(global_state, weight=w,
+                                                 bias=b - w @ self._center)
+                        loaded.load_adapter_state(global_state)
                 report = RoundReport(0, self.evaluator.global_model(0, loaded), center_rows,
                                      seconds=time.time() - t0)
                 audit.append(("coordinator", "round_completed",
@@ -408,16 +415,19 @@ class Coordinator:
 
     def _center_phase(self, transport: Transport, loaded: LoadedModel,
                       label_names: tuple[str, ...]
-                      ) -> tuple[list[dict[str, Any]], list[tuple[str, str, dict[str, Any]]]]:
-        """Ask every connected node for a DP mean of its pooled features, combine them into
-        the run's centre (example-weighted, through SecAgg when the run uses it) and keep it
-        if its signal clears its noise (fedllm.aggregate.estimate_center). Returns the nodes'
-        rows and audit entries for round 0. A failed or too noisy centre is a warning, not a
-        failure: the head then trains uncentred, as without centring (utility, not privacy)."""
+                      ) -> tuple[list[dict[str, Any]], list[tuple[str, str, dict[str, Any]]],
+                                 tuple[np.ndarray, np.ndarray] | None]:
+        """Ask every connected node for DP per-class feature statistics, combine them
+        (example-weighted, through SecAgg when the run uses it) into the run's feature centre,
+        kept if its signal clears its noise, and (train.head_init = "class-means") the class
+        means' head (fedllm.aggregate.estimate_class_stats). Returns the nodes' rows, audit
+        entries for round 0 and the initial head (W, b) in centred form, or None. A failed or
+        too noisy release is a warning, not a failure: the head then trains uncentred or from
+        its random start, as without the release (utility, not privacy)."""
         cfg = self.config
         fed = cfg.federation
         sigma = cfg.privacy.center_noise_multiplier
-        template = {CENTER_KEY: np.zeros(feature_dim(loaded), np.float32)}
+        template = {STATS_KEY: np.zeros((len(label_names), feature_dim(loaded) + 1), np.float32)}
         nodes = sorted(transport.node_ids(min_nodes=fed.sampled_per_round,
                                           timeout=min(fed.round_timeout, 300.0)))
         if self.observer:
@@ -446,8 +456,8 @@ class Coordinator:
                 mean, count = result.mean, len(result.aggregated)
                 examples = int(result.total_weight)
             if result.clipped:
-                self._warn(f"round 0: {result.clipped} feature-mean coordinate(s) were clipped "
-                           f"to ±{cfg.secagg.clip:g} before secure aggregation")
+                self._warn(f"round 0: {result.clipped} class-statistics coordinate(s) were "
+                           f"clipped to ±{cfg.secagg.clip:g} before secure aggregation")
         else:
             replies = transport.train({nid: request for nid in nodes},
                                       timeout=fed.round_timeout, on_reply=on_reply)
@@ -458,31 +468,42 @@ class Coordinator:
                 if isinstance(reply, TrainReply) and reply.ok:
                     try:
                         n = float(reply.metrics["num_examples"])
-                        # Clipped features average to norm ≤ 1; the noise's norm concentrates
-                        # at σ sqrt(H) / n (relative spread ~4 %): twice that is never honest.
-                        bound = 1.0 + 2.0 * sigma * np.sqrt(template[CENTER_KEY].size) / n
+                        # The clean statistic is a mean of vectors of norm ≤ 1; the noise's
+                        # norm concentrates at σ sqrt(C (H+1)) / n (relative spread ~3 %):
+                        # twice that is never honest.
+                        bound = 1.0 + 2.0 * sigma * np.sqrt(template[STATS_KEY].size) / n
                         validate_update(reply.arrays, template, max_norm=bound)
                         good.append((reply.arrays, n))
                     except (UpdateRejected, KeyError, ZeroDivisionError) as e:
-                        self._reject(row, 0, f"feature mean rejected: {e}", audit)
+                        self._reject(row, 0, f"class statistics rejected: {e}", audit)
                 rows.append(row)
             if good:
                 mean, count = fedavg(good), len(good)
                 examples = int(sum(w for _, w in good))
         self._record_ledgers(ledgers)
         info: dict[str, Any] = {"noise_multiplier": sigma, "requested": len(nodes)}
-        if mean is None or count < fed.min_nodes or not np.isfinite(mean[CENTER_KEY]).all():
-            info.update(used=False, nodes=count,
-                        reason=f"{count} usable feature mean(s), federation.min_nodes="
+        head: tuple[np.ndarray, np.ndarray] | None = None
+        if mean is None or count < fed.min_nodes or not np.isfinite(mean[STATS_KEY]).all():
+            info.update(used=False, head_init=False, nodes=count,
+                        reason=f"{count} usable class statistics, federation.min_nodes="
                                f"{fed.min_nodes}")
         else:
-            est = estimate_center(mean[CENTER_KEY], nodes=count, examples=examples,
-                                  noise_multiplier=sigma)
+            est = estimate_class_stats(mean[STATS_KEY], nodes=count, examples=examples,
+                                       noise_multiplier=sigma)
             info.update(est.summary())
             if est.usable:
                 self._center = est.center
                 info["vector"] = [float(x) for x in est.center]
+                if est.head_usable and cfg.train.head_init == "class-means":
+                    head = est.head()
+                else:
+                    info["head_init"] = False
+                    info["head_reason"] = (
+                        "train.head_init='random'" if cfg.train.head_init == "random" else
+                        f"class means too noisy: spread {est.spread_signal:.3f} against noise "
+                        f"{est.spread_noise:.3f}, smallest class count SNR {est.count_snr:.1f}")
             else:
+                info["head_init"] = False
                 info["reason"] = (f"too noisy: estimated signal {est.signal_norm:.3f} < "
                                   f"{MIN_CENTER_SNR:g} × expected noise norm "
                                   f"{est.expected_noise_norm:.3f} ({examples} examples over "
@@ -495,12 +516,16 @@ class Coordinator:
         if self._center is not None:
             self._info(f"feature centre from {count} node(s), {examples} examples: norm "
                        f"{info['norm']:.3f}, expected noise norm "
-                       f"{info['expected_noise_norm']:.3f}; the head trains on centred features")
+                       f"{info['expected_noise_norm']:.3f}; the head trains on centred features"
+                       + ("; it starts from the class means" if head is not None else ""))
+            if head is None and cfg.train.head_init == "class-means":
+                self._warn(f"head not initialised from the class means ({info['head_reason']})"
+                           ": it starts from its random initialisation")
         else:
             self._warn(f"feature centring skipped ({info['reason']}): the head trains on "
-                       "uncentred features; ε the nodes spent on the release stays in their "
-                       "ledgers (round 0)")
-        return rows, audit
+                       "uncentred features from its random initialisation; ε the nodes spent "
+                       "on the release stays in their ledgers (round 0)")
+        return rows, audit, head
 
     def _sample(self, rnd: int, attempt: int, transport: Transport) -> list[int]:
         cfg = self.config

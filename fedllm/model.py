@@ -310,6 +310,24 @@ def _head_bias_key(state: dict[str, Any]) -> str:
     return keys[0]
 
 
+def with_head(state: dict[str, np.ndarray], *, weight: np.ndarray,
+              bias: np.ndarray) -> dict[str, np.ndarray]:
+    """A copy of adapter ``state`` whose classification head is (``weight`` (C, H), ``bias``
+    (C,)), in the uncentred wire form; shapes must match the head it replaces."""
+    out = dict(state)
+    bkey = _head_bias_key(state)
+    wkey = bkey[: -len("bias")] + "weight"
+    for key, new in ((wkey, weight), (bkey, bias)):
+        if key not in state or state[key].shape != np.shape(new):
+            raise ModelError(f"head {key}: expected shape "
+                             f"{None if key not in state else state[key].shape}, got "
+                             f"{np.shape(new)}")
+        if not np.isfinite(new).all():
+            raise ModelError(f"head {key}: non-finite values")
+        out[key] = np.asarray(new, np.float32).copy()
+    return out
+
+
 def feature_dim(loaded: LoadedModel) -> int:
     """H, the size of the pooled features a ``seq-cls`` head reads (the centre's shape)."""
     clf = _classifier(loaded.model)

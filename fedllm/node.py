@@ -38,9 +38,9 @@ from fedllm.data import (
 from fedllm.model import LoadedModel, load_run_model
 from fedllm.privacy import NodeLedger, PrivacyError, ledger_path, plan_dp_sgd
 from fedllm.protocol import (
-    CENTER_KEY,
     PHASE_CENTER,
     PHASE_TRAIN,
+    STATS_KEY,
     STATUS_OK,
     STATUS_REFUSED,
     TrainReply,
@@ -50,7 +50,7 @@ from fedllm.protocol import (
 )
 from fedllm.sealed import SealedDir, SealedError
 from fedllm.store import fedllm_home
-from fedllm.train import DPParams, private_feature_mean, train_for_run
+from fedllm.train import DPParams, private_class_stats, train_for_run
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +352,9 @@ class NodeRuntime:
     def train(self, request: TrainRequest, *, identity: NodeIdentity,
               data: NodeDataSpec) -> TrainReply:
         """One request of the run: train a round (PHASE_TRAIN) or, before round 1, release
-        the DP feature mean that centres the head (PHASE_CENTER). Both are releases of the
-        node's data: budget-checked, recorded in its ledger and stored for replay first."""
+        the DP class statistics that centre and initialise the head (PHASE_CENTER). Both are
+        releases of the node's data: budget-checked, recorded in its ledger and stored for
+        replay first."""
         cfg = request.config
         p = cfg.privacy
         center_phase = request.phase == PHASE_CENTER
@@ -368,7 +369,7 @@ class NodeRuntime:
         if request.phase not in (PHASE_TRAIN, PHASE_CENTER):
             return self._refuse(reply, {}, None, f"unknown request phase {request.phase!r}")
         if center_phase and not cfg.centers_features:
-            return self._refuse(reply, {}, None, "a feature-centre release was requested, but "
+            return self._refuse(reply, {}, None, "a class-statistics release was requested, but "
                                 "the run's plan does not centre features with DP "
                                 "(train.center_features)")
         loaded = self.model(cfg, request.label_names)
@@ -397,7 +398,7 @@ class NodeRuntime:
         ledger: NodeLedger | None = None
         box: SealedDir | None = None
         lpath = ledger_path(identity.state_dir, node_data.fingerprint)
-        what = "releasing the feature centre" if center_phase else "training this round"
+        what = "releasing the class statistics" if center_phase else "training this round"
         if p.enabled:
             if center_phase:
                 planned = list(cfg.center_prior())
@@ -455,11 +456,11 @@ class NodeRuntime:
 
         if center_phase:
             t0 = time.perf_counter()
-            fm = private_feature_mean(loaded, ds, noise_multiplier=p.center_noise_multiplier,
-                                      seed=seed, physical_batch_size=cfg.train.physical_batch_size)
-            arrays = {CENTER_KEY: fm.mean}
-            history = fm.history()
-            metrics.update(num_examples=fm.num_examples, steps=1, sample_rate=1.0,
+            cs = private_class_stats(loaded, ds, noise_multiplier=p.center_noise_multiplier,
+                                     seed=seed, physical_batch_size=cfg.train.physical_batch_size)
+            arrays = {STATS_KEY: cs.stats}
+            history = cs.history()
+            metrics.update(num_examples=cs.num_examples, steps=1, sample_rate=1.0,
                            seconds=time.perf_counter() - t0)
         else:
             result = train_for_run(loaded, ds, cfg.train, dp=dp, seed=seed)

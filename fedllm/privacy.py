@@ -130,13 +130,13 @@ def check_prior_fits(prior: tuple[tuple[float, float, int], ...], *, epsilon_lim
 
 
 def check_center_budget(cfg: RunConfig) -> None:
-    """A run's feature-centre release (train.center_features) must leave budget to train:
+    """A run's class-statistics release (train.center_features) must leave budget to train:
     PrivacyError otherwise (the CLI's pre-flight and the coordinator's start)."""
     if cfg.centers_features:
         p = cfg.privacy
         check_prior_fits(cfg.center_prior(), epsilon_limit=p.epsilon_limit, delta=p.delta,
                          accountant=p.accountant,
-                         what="the feature-centre release (privacy.center_noise_multiplier)")
+                         what="the class-statistics release (privacy.center_noise_multiplier)")
 
 
 @lru_cache(maxsize=256)

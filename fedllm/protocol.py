@@ -16,12 +16,15 @@ import numpy as np
 
 from fedllm.config import REDACTION_ENTITIES, RunConfig
 
-# What a request asks of a node. "center": before round 1, release a DP mean of the pooled
-# features (fedllm.train.private_feature_mean) as arrays {CENTER_KEY: (H,)}, weighted by the
-# node's examples, so FedAvg (or SecAgg's weighted mean) of the replies is the global centre.
+# What a request asks of a node. "center": before round 1, release DP per-class sums and counts
+# of the pooled features (fedllm.train.private_class_stats) as arrays {STATS_KEY: (C, H+1)},
+# divided by the node's examples, so FedAvg (or SecAgg's weighted mean) of the replies is the
+# global statistic: the feature centre and the class means that initialise the head
+# (fedllm.aggregate.estimate_class_stats).
 PHASE_TRAIN = "train"
 PHASE_CENTER = "center"
-CENTER_KEY = "feature_center"
+STATS_KEY = "class_feature_stats"
+CENTER_KEY = "feature_center"  # the centre (H,) sent with every train request (server/messages)
 
 STATUS_OK = "ok"
 STATUS_REFUSED = "refused"  # the node declined (e.g. its privacy budget would be exceeded)
@@ -50,7 +53,7 @@ class TrainRequest:
     round: int
     config: RunConfig
     label_names: tuple[str, ...]
-    # PHASE_TRAIN: the global adapter. PHASE_CENTER: {CENTER_KEY: zeros (H,)}, the shape of the
+    # PHASE_TRAIN: the global adapter. PHASE_CENTER: {STATS_KEY: zeros (C, H+1)}, the shape of the
     # reply (SecAgg masks the reply's difference to it).
     arrays: dict[str, np.ndarray]
     phase: str = PHASE_TRAIN

@@ -3,8 +3,9 @@ import pytest
 
 from fedllm.aggregate import (
     MIN_CENTER_SNR,
+    MIN_COUNT_SNR,
     UpdateRejected,
-    estimate_center,
+    estimate_class_stats,
     fedavg,
     validate_update,
 )
@@ -69,34 +70,81 @@ def test_central_dp_average_matches_the_formula():
     np.testing.assert_allclose(noiseless, clipped["w"] / expected, rtol=1e-6)
 
 
-def test_estimate_center_knows_its_noise_and_recovers_the_signal_norm():
-    """Nodes release (S_i + N(0, σ²)) / n_i; the weighted mean's noise norm is predicted from
-    (σ, H, nodes, examples) alone, and ‖centre‖² − E‖noise‖² estimates ‖true mean‖²."""
+def _class_data(rng: np.random.Generator, n: int, share1: float, h: int = 384):
+    """Unit vectors in two classes around a common mean (norm ~0.4, as MiniLM's on SST-2)."""
+    common = np.zeros(h)
+    common[0] = 0.4
+    sep = np.zeros(h)
+    sep[1] = 0.1
+    y = (rng.random(n) < share1).astype(np.int64)
+    x = common + np.where(y[:, None] == 1, sep, -sep) + rng.normal(0, 0.9 / np.sqrt(h), (n, h))
+    return x / np.linalg.norm(x, axis=1, keepdims=True), y
+
+
+def _release(x: np.ndarray, y: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """fedllm.train.private_class_stats on given features (clip 1: unit rows)."""
+    t = np.stack([np.append(x[y == c].sum(0), (y == c).sum()) for c in (0, 1)])
+    return ((t / np.sqrt(2) + rng.normal(0, sigma, t.shape)) / len(y)).astype(np.float32)
+
+
+def test_estimate_class_stats_knows_its_noise_and_recovers_centre_shares_and_class_means():
+    """Nodes release per-class (S_c / √2 + N(0, σ²)) / n_i; the combined estimate's noise is
+    predicted from (σ, C, H, nodes, examples) alone, the centre and class shares come back, and
+    its head is the nearest-class-mean (isotropic LDA) rule."""
     rng = np.random.default_rng(0)
-    h, sizes, sigma = 384, [300, 500, 700], 20.0
-    true = rng.normal(size=h)
-    true *= 0.4 / np.linalg.norm(true)  # MiniLM's feature mean has norm ~0.4
+    h, sizes, sigma = 384, [1000, 1500, 2500], 4.0
+    data = [_class_data(rng, n, s1) for n, s1 in zip(sizes, (0.2, 0.5, 0.8), strict=True)]
+    xs, ys = np.concatenate([d[0] for d in data]), np.concatenate([d[1] for d in data])
+    n_all = len(ys)
+    true_center = xs.mean(0)
+    true_means = np.stack([xs[ys == c].mean(0) for c in (0, 1)])
     trials = []
-    for _ in range(200):
-        means = [((true * n + rng.normal(0, sigma, h)) / n).astype(np.float32) for n in sizes]
-        c = fedavg([({"c": m}, n) for m, n in zip(means, sizes, strict=True)])["c"]
-        trials.append(estimate_center(c, nodes=3, examples=sum(sizes), noise_multiplier=sigma))
+    for _ in range(100):
+        rel = [(_release(x, y, sigma, rng), float(len(y))) for x, y in data]
+        m = fedavg([({"s": r}, n) for r, n in rel])["s"]
+        trials.append(estimate_class_stats(m, nodes=3, examples=n_all, noise_multiplier=sigma))
     est = trials[0]
-    expected = sigma * np.sqrt(h * 3) / 1500
+    expected = np.sqrt(2 * 2 * h * 3) * sigma / n_all  # σ sqrt(2 C H nodes) / N
     assert est.expected_noise_norm == pytest.approx(expected)
-    noise = np.array([np.linalg.norm(t.center - true) for t in trials])
+    noise = np.array([np.linalg.norm(t.center - true_center) for t in trials])
     assert np.sqrt(np.mean(noise ** 2)) == pytest.approx(expected, rel=0.05)
-    assert np.mean([t.signal_norm for t in trials]) == pytest.approx(0.4, abs=0.02)
-    # here the noise (0.45) exceeds the signal: bias-corrected, yet not worth centring on
-    assert not est.usable and est.summary()["used"] is False
-    # --quick size (3 nodes × 3,000 examples): noise 0.075, the centre is used
-    big = estimate_center(true + rng.normal(0, 0.075 / np.sqrt(h), h), nodes=3, examples=9000,
-                          noise_multiplier=sigma)
-    assert big.expected_noise_norm == pytest.approx(0.0754, abs=1e-4) and big.usable
-    # 3 nodes × 64 examples: noise ~3.5 drowns the 0.4 signal; the centre is not used
-    small = estimate_center(true + rng.normal(0, 3.5 / np.sqrt(h), h), nodes=3, examples=192,
-                            noise_multiplier=sigma)
-    assert small.expected_noise_norm > 3 and not small.usable
+    assert np.mean([t.signal_norm for t in trials]) == pytest.approx(
+        np.linalg.norm(true_center), abs=0.01)
+    shares = np.mean([t.shares for t in trials], axis=0)
+    np.testing.assert_allclose(shares, [np.mean(ys == 0), np.mean(ys == 1)], atol=1e-3)
+    mean_err = np.mean([np.linalg.norm(t.class_means - true_means, axis=1) ** 2 for t in trials],
+                       axis=0)
+    predicted = h * 2 * 3 * sigma ** 2 / n_all ** 2 / shares ** 2  # E‖noise in μ_c‖²
+    np.testing.assert_allclose(mean_err, predicted, rtol=0.1)
+    # The spread (between-class signal) is recovered, debiased of the class means' noise.
+    true_spread = np.sqrt(sum(np.mean(ys == c) * np.sum((true_means[c] - true_center) ** 2)
+                              for c in (0, 1)))
+    assert np.mean([t.spread_signal for t in trials]) == pytest.approx(true_spread, rel=0.1)
+    within = np.mean(np.sum((xs - true_means[ys]) ** 2, axis=1)) / h
+    assert np.mean([t.within_var for t in trials]) == pytest.approx(within, rel=0.02)
+    assert est.usable and est.head_usable and est.summary()["head_init"] is True
+    # The head is the nearest-class-mean rule with the log prior: argmax_c W_c (x - μ) + b_c
+    # = argmin_c ‖x - μ_c‖² / (2 s²) - log p_c.
+    w, b = est.head()
+    test, _ = _class_data(rng, 500, 0.5)
+    logits = (test - est.center) @ w.T + b
+    rule = (np.sum((test[:, None, :] - est.class_means[None]) ** 2, axis=2)
+            / (2 * est.within_var) - np.log(est.shares))
+    np.testing.assert_array_equal(logits.argmax(1), rule.argmin(1))
+    # 3 nodes × 64 examples at σ = 20: centre noise ~7 drowns the 0.4 signal, nothing is used.
+    tiny = [_class_data(rng, 64, 0.5) for _ in range(3)]
+    m = fedavg([({"s": _release(x, y, 20.0, rng)}, 64.0) for x, y in tiny])["s"]
+    small = estimate_class_stats(m, nodes=3, examples=192, noise_multiplier=20.0)
+    assert not small.usable and not small.head_usable
     assert MIN_CENTER_SNR * small.expected_noise_norm > small.signal_norm
+    with pytest.raises(ValueError, match="too noisy"):
+        small.head()
+    # A class nobody has: its noisy count is no count, the head is not initialised.
+    x0, _ = _class_data(rng, 3000, 0.5)
+    absent = _release(x0, np.zeros(3000, np.int64), 4.0, rng)
+    one = estimate_class_stats(absent, nodes=1, examples=3000, noise_multiplier=4.0)
+    assert one.usable and one.count_snr < MIN_COUNT_SNR and not one.head_usable
     with pytest.raises(ValueError, match="at least one node"):
-        estimate_center(true, nodes=0, examples=0, noise_multiplier=sigma)
+        estimate_class_stats(absent, nodes=0, examples=0, noise_multiplier=sigma)
+    with pytest.raises(ValueError, match="classes"):
+        estimate_class_stats(absent[0], nodes=1, examples=3000, noise_multiplier=sigma)

@@ -108,7 +108,8 @@ def test_node_data_protection_sections(tmp_path):
 
 def test_feature_centring_is_on_for_dp_classification_only():
     cfg = load_config(None, {})
-    assert cfg.centers_features and cfg.center_prior() == ((20.0, 1.0, 1),)
+    assert cfg.centers_features and cfg.center_prior() == ((4.0, 1.0, 1),)
+    assert cfg.train.head_init == "class-means"
     no_dp = load_config(None, {"privacy.enabled": False, "privacy.allow_no_dp": True})
     central = load_config(None, {"central_dp.enabled": True})
     lm = load_config(None, {"model.task": "causal-lm"})
@@ -123,3 +124,6 @@ def test_feature_centring_is_on_for_dp_classification_only():
             load_config(None, {**over, "train.center_features": "on"})
     with pytest.raises(ConfigError, match="center_noise_multiplier"):
         load_config(None, {"privacy.center_noise_multiplier": 0})
+    assert load_config(None, {"train.head_init": "random"}).train.head_init == "random"
+    with pytest.raises(ConfigError, match="head_init"):
+        load_config(None, {"train.head_init": "lda"})

@@ -90,10 +90,11 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path):
         events = [e.event for e in store.audit_entries("run-x")]
     assert "run_interrupted" in events and "run_resumed" in events
     assert verify_chain(Store(b / "fedllm.db", read_only=True).audit_entries("run-x")).ok
-    # 36 examples a node at σ = 20: the centre's noise (norm ~6) drowns the mean; the run says
+    # 36 examples a node at σ = 4: the centre's noise (norm ~2.5) drowns the mean; the run says
     # so and trains uncentred, the release's ε stays in the ledgers (round 0)
     fc = ib["feature_center"]
     assert fc["used"] is False and "too noisy" in fc["reason"] and fc["nodes"] == 3
+    assert fc["head_init"] is False
     assert any("feature centring skipped" in e["message"] for e in ib["events"])
     assert [e["entry_round"] for e in lb if e["node_id"] == "node-0"] == [0, 1, 2, 3]
 
@@ -258,30 +259,33 @@ def test_audit_chain_detects_one_changed_byte(tmp_path):
 
 
 class Recording(CrashAt):
-    """Keeps every request's centre and the round-0 (feature-mean) replies."""
+    """Keeps every request's centre and adapter, and the round-0 (class-statistics) replies."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.centers, self.released = {}, {}
+        self.centers, self.released, self.sent = {}, {}, {}
 
     def train(self, requests, *, timeout, on_reply):
         out = super().train(requests, timeout=timeout, on_reply=on_reply)
         for nid, req in requests.items():
             self.centers.setdefault(req.round, []).append(req.feature_center)
+            self.sent.setdefault(req.round, []).append(req.arrays)
             if req.phase == "center":
                 self.released[nid] = out[nid]
         return out
 
 
-def test_feature_centre_is_released_once_used_and_survives_a_resume(tmp_path):
-    """train.center_features: every node releases a DP feature mean in round 0 (in its ledger);
-    the example-weighted mean becomes the run's centre, stored with the run and sent in every
-    train request, also after a resume; σ is calibrated around the release (ε ends at 8)."""
-    from fedllm.aggregate import fedavg
-    from fedllm.protocol import CENTER_KEY
+def test_class_stats_centre_and_start_the_head_and_survive_a_resume(tmp_path):
+    """train.center_features: every node releases DP class statistics in round 0 (in its
+    ledger); their example-weighted mean gives the run's centre, stored with the run and sent
+    in every train request, also after a resume, and the head round 1 starts from (the class
+    means' head, train.head_init); σ is calibrated around the release (ε ends at the target).
+    200 examples a node need σ = 0.5 (ε 10 alone) for usable class means."""
+    from fedllm.aggregate import estimate_class_stats, fedavg
+    from fedllm.protocol import STATS_KEY
 
-    cfg = tiny_config(**{"data.max_examples": 600, "privacy.center_noise_multiplier": 2.0,
-                         "privacy.target_epsilon": 8.0})
+    cfg = tiny_config(**{"data.max_examples": 600, "privacy.center_noise_multiplier": 0.5,
+                         "privacy.target_epsilon": 16.0})
     first = Recording(tmp_path, 3, rnd=2, after=0)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, cfg, first)
@@ -289,13 +293,25 @@ def test_feature_centre_is_released_once_used_and_survives_a_resume(tmp_path):
     run(tmp_path, cfg, second, resume=True)
     info, _, ledger = stored(tmp_path)
     fc = info["feature_center"]
-    assert fc["used"] is True and fc["nodes"] == 3 and fc["noise_multiplier"] == 2.0
+    assert fc["used"] is True and fc["nodes"] == 3 and fc["noise_multiplier"] == 0.5
+    assert fc["head_init"] is True
     assert fc["expected_noise_norm"] < 0.5 * fc["signal_norm"]
     with Store(tmp_path / "fedllm.db", read_only=True) as store:
         center = np.asarray(store.feature_center_vector("run-x"), np.float32)
         audit = {e.event: e.payload for e in store.audit_entries("run-x")}
     replies = [(r.arrays, r.metrics["num_examples"]) for r in first.released.values()]
-    np.testing.assert_allclose(center, fedavg(replies)[CENTER_KEY], atol=1e-6)
+    est = estimate_class_stats(fedavg(replies)[STATS_KEY], nodes=3,
+                               examples=int(sum(n for _, n in replies)), noise_multiplier=0.5)
+    np.testing.assert_allclose(center, est.center, atol=1e-6)
+    assert fc["spread_signal"] == pytest.approx(est.spread_signal, abs=1e-6)
+    # Round 1's global adapter has the class means' head, in the uncentred wire form.
+    w, b = est.head()
+    start = first.sent[1][0]
+    (wkey,) = [k for k in start if k.endswith("head.weight")]
+    (bkey,) = [k for k in start if k.endswith("head.bias")]
+    np.testing.assert_allclose(start[wkey], w, rtol=1e-5)
+    np.testing.assert_allclose(start[bkey], b - w @ est.center, rtol=1e-4, atol=1e-4)
+    assert info["rounds"][0]["metrics"]["accuracy"] > 0.6  # the release alone classifies
     assert fc["examples"] == sum(n for _, n in replies) and fc["norm"] == pytest.approx(
         float(np.linalg.norm(center)), abs=1e-5)
     assert audit["feature_center"]["used"] is True and audit["feature_center"]["center_sha256"]
@@ -304,17 +320,17 @@ def test_feature_centre_is_released_once_used_and_survives_a_resume(tmp_path):
         np.testing.assert_array_equal(c, center)
     round0 = info["rounds"][0]["nodes"]
     assert [(n["status"], n["noise_multiplier"], n["sample_rate"], n["steps"])
-            for n in round0] == [("ok", 2.0, 1.0, 1)] * 3
+            for n in round0] == [("ok", 0.5, 1.0, 1)] * 3
     for pid in range(3):
         mine = [e for e in ledger if e["node_id"] == f"node-{pid}"]
         assert [e["entry_round"] for e in mine] == [0, 1, 2]
-        assert mine[0]["noise_multiplier"] == 2.0 and mine[0]["sample_rate"] == 1.0
-        assert 7.9 < mine[-1]["epsilon"] <= 8.0
+        assert mine[0]["noise_multiplier"] == 0.5 and mine[0]["sample_rate"] == 1.0
+        assert 15.9 < mine[-1]["epsilon"] <= 16.0
 
 
 def test_a_centre_release_that_spends_the_budget_fails_before_anything_runs(tmp_path):
     cfg = tiny_config(**{"privacy.center_noise_multiplier": 0.3})
-    with pytest.raises(RunFailed, match=r"feature-centre release .* alone spends ε = .* ≥ the "
+    with pytest.raises(RunFailed, match=r"class-statistics release .* alone spends ε = .* ≥ the "
                                         r"limit 4"):
         run(tmp_path, cfg, LocalTransport(tmp_path, 3))
     info, ck, ledger = stored(tmp_path)

@@ -143,3 +143,26 @@ def test_feature_centre_changes_the_head_coordinates_not_the_function(minilm, tm
         minilm.set_feature_center(None)
         minilm.load_adapter_state(state)
     assert not clf.feature_center.any()
+
+
+def test_with_head_replaces_only_the_head_and_checks_it(minilm):
+    """fedllm.model.with_head: the class-means head goes into the wire state by name and shape;
+    nothing else changes; a wrong shape or a non-finite value is refused."""
+    from fedllm.model import with_head
+
+    state = minilm.adapter_state()
+    (wkey,) = [k for k in state if k.endswith("head.weight")]
+    (bkey,) = [k for k in state if k.endswith("head.bias")]
+    w = np.full((2, 384), 0.5, np.float32)
+    b = np.array([1.0, -1.0], np.float32)
+    new = with_head(state, weight=w, bias=b)
+    assert np.array_equal(new[wkey], w) and np.array_equal(new[bkey], b)
+    assert all(np.array_equal(new[k], state[k]) for k in state if k not in (wkey, bkey))
+    assert not np.array_equal(state[wkey], w)  # a copy: the input is untouched
+    minilm.load_adapter_state(new)
+    assert np.array_equal(minilm.adapter_state()[wkey], w)
+    with pytest.raises(ModelError, match="expected shape"):
+        with_head(state, weight=w[:1], bias=b)
+    with pytest.raises(ModelError, match="non-finite"):
+        with_head(state, weight=w, bias=np.array([np.nan, 0.0], np.float32))
+    minilm.load_adapter_state(state)

@@ -78,38 +78,41 @@ def test_a_retried_round_resends_the_same_release_without_spending_again(
     assert lost.status == "refused" and "was deleted" in lost.reason
 
 
-def test_feature_centre_release_is_a_budgeted_replayable_round_zero(runtime_and_config,
+def test_class_stats_release_is_a_budgeted_replayable_round_zero(runtime_and_config,
                                                                    tmp_path):
-    """PHASE_CENTER: one Gaussian release (σ, q = 1, 1 step) recorded as round 0 before it
-    leaves; a retry re-sends it; the training plan's σ leaves room for it; a train request's
-    centre is applied to the cached model, and None resets it."""
+    """PHASE_CENTER: one Gaussian release of class statistics (σ, q = 1, 1 step) recorded as
+    round 0 before it leaves; a retry re-sends it; the training plan's σ leaves room for it; a
+    train request's centre is applied to the cached model, and None resets it."""
+    from fedllm.aggregate import estimate_class_stats
     from fedllm.privacy import compute_epsilon, plan_dp_sgd
-    from fedllm.protocol import CENTER_KEY, PHASE_CENTER
+    from fedllm.protocol import PHASE_CENTER, STATS_KEY
 
     rt, cfg, arrays = runtime_and_config
     assert cfg.centers_features  # "auto": DP seq-cls
     ident = NodeIdentity("node-0", tmp_path)
     spec = simulated_node_data(cfg, 0)
-    zeros = {CENTER_KEY: np.zeros(384, np.float32)}
+    zeros = {STATS_KEY: np.zeros((2, 385), np.float32)}
+    sigma = cfg.privacy.center_noise_multiplier
     center = TrainRequest("run-a", 0, cfg, ("0", "1"), zeros, phase=PHASE_CENTER)
     r0 = rt.train(center, identity=ident, data=spec)
-    assert r0.ok and set(r0.arrays) == {CENTER_KEY} and r0.arrays[CENTER_KEY].shape == (384,)
+    assert r0.ok and set(r0.arrays) == {STATS_KEY} and r0.arrays[STATS_KEY].shape == (2, 385)
     m = r0.metrics
-    assert (m["noise_multiplier"], m["sample_rate"], m["steps"]) == (20.0, 1.0, 1)
+    assert (m["noise_multiplier"], m["sample_rate"], m["steps"]) == (sigma, 1.0, 1) == (4.0, 1, 1)
     assert m["num_examples"] == 54 and r0.eval_counts is None  # nothing trained or evaluated
-    alone = compute_epsilon([(20.0, 1.0, 1)], delta=1e-5, accountant="prv")
-    assert m["epsilon"] == pytest.approx(alone) and alone == pytest.approx(0.161, abs=1e-3)
-    assert [(e["round"], e["noise_multiplier"]) for e in r0.ledger] == [(0, 20.0)]
+    alone = compute_epsilon([(sigma, 1.0, 1)], delta=1e-5, accountant="prv")
+    assert m["epsilon"] == pytest.approx(alone) and alone == pytest.approx(0.928, abs=2e-3)
+    assert [(e["round"], e["noise_multiplier"]) for e in r0.ledger] == [(0, sigma)]
     again = rt.train(center, identity=ident, data=spec)
     assert again.metrics["replayed"] == 1 and len(again.ledger) == 1
-    assert np.array_equal(again.arrays[CENTER_KEY], r0.arrays[CENTER_KEY])
+    assert np.array_equal(again.arrays[STATS_KEY], r0.arrays[STATS_KEY])
     # training composes on top, with σ calibrated around the release: ε ends at the target
-    c = r0.arrays[CENTER_KEY]
+    c = estimate_class_stats(r0.arrays[STATS_KEY], nodes=1, examples=54,
+                             noise_multiplier=sigma).center
     r1 = rt.train(TrainRequest("run-a", 1, cfg, ("0", "1"), arrays, feature_center=c),
                   identity=ident, data=spec)
     plan = plan_dp_sgd(num_examples=54, batch_size=30, local_epochs=1, rounds=2,
                        target_epsilon=4.0, delta=1e-5, accountant="prv",
-                       prior=((20.0, 1.0, 1),))
+                       prior=((sigma, 1.0, 1),))
     assert r1.ok and r1.metrics["noise_multiplier"] == pytest.approx(plan.noise_multiplier)
     assert [e["round"] for e in r1.ledger] == [0, 1] and r1.metrics["epsilon"] > alone
     clf = rt.model(cfg, ("0", "1")).model.get_base_model()

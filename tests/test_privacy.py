@@ -79,15 +79,17 @@ def gaussian_mechanism_delta(eps, sigma):
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_release_on_the_whole_data_is_the_gaussian_mechanism(accountant):
-    """A private feature mean is one Gaussian release with q = 1 (history (σ, 1, 1)): PRV gives
-    the exact Gaussian mechanism's ε (analytic formula), RDP a valid upper bound, both as
-    dp-accounting computes them."""
-    ours = compute_epsilon([(20.0, 1.0, 1)], delta=1e-5, accountant=accountant)
-    assert ours == pytest.approx(reference_epsilon([(20.0, 1.0, 1)], 1e-5, accountant), rel=0.02)
-    assert gaussian_mechanism_delta(ours, 20.0) <= 1e-5 * 1.02
-    if accountant == "prv":
-        assert ours == pytest.approx(0.161, abs=0.003)
-        assert gaussian_mechanism_delta(0.98 * ours, 20.0) > 1e-5  # tight, not just valid
+    """A class-statistics release is one Gaussian release with q = 1 (history (σ, 1, 1)): PRV
+    gives the exact Gaussian mechanism's ε (analytic formula), RDP a valid upper bound, both as
+    dp-accounting computes them. σ = 4 is the default (privacy.center_noise_multiplier)."""
+    for sigma, exact in ((20.0, 0.161), (4.0, 0.928)):
+        ours = compute_epsilon([(sigma, 1.0, 1)], delta=1e-5, accountant=accountant)
+        assert ours == pytest.approx(reference_epsilon([(sigma, 1.0, 1)], 1e-5, accountant),
+                                     rel=0.02)
+        assert gaussian_mechanism_delta(ours, sigma) <= 1e-5 * 1.02
+        if accountant == "prv":
+            assert ours == pytest.approx(exact, abs=0.003)
+            assert gaussian_mechanism_delta(0.98 * ours, sigma) > 1e-5  # tight, not just valid
 
 
 def test_calibration_leaves_room_for_earlier_releases():

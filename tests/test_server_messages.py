@@ -3,7 +3,7 @@
 import numpy as np
 
 from fedllm.config import load_config
-from fedllm.protocol import CENTER_KEY, PHASE_CENTER, PHASE_TRAIN, TrainRequest
+from fedllm.protocol import PHASE_CENTER, PHASE_TRAIN, STATS_KEY, TrainRequest
 from server.messages import content_to_request, request_to_content
 
 
@@ -21,8 +21,9 @@ def test_train_and_centre_requests_round_trip():
     plain = content_to_request(request_to_content(
         TrainRequest("run-a", 1, cfg, ("0", "1"), arrays)))
     assert plain.feature_center is None and plain.phase == PHASE_TRAIN
-    zeros = {CENTER_KEY: np.zeros(384, np.float32)}
+    zeros = {STATS_KEY: np.zeros((2, 385), np.float32)}
     release = content_to_request(request_to_content(
         TrainRequest("run-a", 0, cfg, ("0", "1"), zeros, phase=PHASE_CENTER)))
     assert release.phase == PHASE_CENTER and release.round == 0
-    assert set(release.arrays) == {CENTER_KEY} and release.feature_center is None
+    assert set(release.arrays) == {STATS_KEY} and release.feature_center is None
+    assert release.arrays[STATS_KEY].shape == (2, 385)

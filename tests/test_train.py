@@ -7,7 +7,7 @@ import torch
 from fedllm.data import encode_labels, read_table, tokenize
 from fedllm.model import load_model
 from fedllm.privacy import compute_epsilon
-from fedllm.train import DPParams, private_feature_mean, train_local
+from fedllm.train import DPParams, private_class_stats, train_local
 from tests.conftest import DEMO
 
 
@@ -255,29 +255,34 @@ def test_make_optimizer_gives_the_head_its_own_rate_or_the_shared_one():
         assert [g["lr"] for g in opt.param_groups] == [1e-3, expected]
 
 
-def test_private_feature_mean_is_the_clipped_mean_plus_calibrated_noise(setup):
-    """The Gaussian mechanism: (sum of clipped features + N(0, (σC)^2)) / N, accounted as one
-    q = 1 step; the model's mode is left as it was."""
+def test_private_class_stats_are_clipped_class_sums_and_counts_plus_calibrated_noise(setup):
+    """The Gaussian mechanism: (Σ_{y_i = c} [x_i, C] / √2 + N(0, (σC)²)) / N per row c, one
+    q = 1 step in the accountant; the model's mode is left as it was."""
     lm, ds = setup
     clf = lm.model.get_base_model()
     with torch.no_grad():
         lm.model.eval()
         x = torch.cat([clf.pooled(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
-                       for ids in ds.input_ids])  # (N, H), unit rows (mean-norm pooling)
-    exact = x.mean(0).numpy()
+                       for ids in ds.input_ids]).numpy()  # (N, H), unit rows (mean-norm)
+    y = np.asarray(ds.labels)
+    n, h = x.shape
+    exact = np.stack([np.append(x[y == c].sum(0), (y == c).sum()) for c in (0, 1)])
+    exact = exact / np.sqrt(2.0) / n  # (C, H + 1)
+    assert 0 < (y == 1).sum() < n  # both classes present
     lm.model.train()
-    quiet = private_feature_mean(lm, ds, noise_multiplier=1e-6, seed=0)
+    quiet = private_class_stats(lm, ds, noise_multiplier=1e-6, seed=0)
     assert lm.model.training
-    assert np.allclose(quiet.mean, exact, atol=1e-5)
-    assert quiet.history() == [(1e-6, 1.0, 1)] and quiet.num_examples == len(ds)
-    # Clipping bounds each example's share: at C = 0.5 every unit vector is halved.
-    half = private_feature_mean(lm, ds, noise_multiplier=1e-6, clip_norm=0.5, seed=0)
-    assert np.allclose(half.mean, exact / 2, atol=1e-5)
-    noisy = private_feature_mean(lm, ds, noise_multiplier=20.0, seed=3)
-    z = (noisy.mean - exact) * len(ds) / 20.0  # should be N(0, 1) per coordinate (H = 384)
-    assert abs(float(z.mean())) < 0.2 and 0.85 < float(z.std()) < 1.15
-    again = private_feature_mean(lm, ds, noise_multiplier=20.0, seed=3)
-    assert np.array_equal(again.mean, noisy.mean)  # the seed fixes the noise
+    assert quiet.stats.shape == (2, h + 1)
+    assert np.allclose(quiet.stats, exact, atol=1e-6)
+    assert quiet.history() == [(1e-6, 1.0, 1)] and quiet.num_examples == n
+    # Clipping bounds each example's share: at C = 0.5 every row [x, C] is halved.
+    half = private_class_stats(lm, ds, noise_multiplier=1e-6, clip_norm=0.5, seed=0)
+    assert np.allclose(half.stats, exact / 2, atol=1e-6)
+    noisy = private_class_stats(lm, ds, noise_multiplier=20.0, seed=3)
+    z = (noisy.stats - exact) * n / 20.0  # should be N(0, 1) per coordinate (2 × 385)
+    assert abs(float(z.mean())) < 0.1 and 0.9 < float(z.std()) < 1.1
+    again = private_class_stats(lm, ds, noise_multiplier=20.0, seed=3)
+    assert np.array_equal(again.stats, noisy.stats)  # the seed fixes the noise
     # The frozen base's features whatever the adapter holds (a cached node model carries the
     # last round's LoRA): a trained LoRA changes the pooled features, not this statistic.
     saved = lm.adapter_state()
@@ -288,10 +293,12 @@ def test_private_feature_mean_is_the_clipped_mean_plus_calibrated_noise(setup):
         lm.model.eval()
         moved = clf.pooled(torch.tensor([ds.input_ids[0]]),
                            torch.ones(1, len(ds.input_ids[0]), dtype=torch.long))[0].numpy()
-    assert not np.allclose(moved, x[0].numpy(), atol=1e-3)
-    assert np.allclose(private_feature_mean(lm, ds, noise_multiplier=1e-6, seed=0).mean,
-                       exact, atol=1e-5)
+    assert not np.allclose(moved, x[0], atol=1e-3)
+    assert np.allclose(private_class_stats(lm, ds, noise_multiplier=1e-6, seed=0).stats,
+                       exact, atol=1e-6)
     lm.load_adapter_state(saved)
     with pytest.raises(ValueError, match="positive"):
-        private_feature_mean(lm, ds, noise_multiplier=0.0, seed=0)
+        private_class_stats(lm, ds, noise_multiplier=0.0, seed=0)
+    with pytest.raises(ValueError, match="labelled"):
+        private_class_stats(lm, type(ds)(ds.input_ids, None), noise_multiplier=1.0, seed=0)
     lm.model.eval()

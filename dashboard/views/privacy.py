@@ -97,14 +97,17 @@ def _feature_center(run: dict[str, Any]) -> None:
         return
     sigma = fc.get("noise_multiplier")
     if fc.get("used"):
-        st.caption(f"Round 0: each node released a DP mean of its features (σ = {fmt(sigma)}, "
-                   f"in its ε above) to centre the classification head; centre from "
-                   f"{fc['nodes']} node(s), {fc['examples']:,} examples, norm {fmt(fc['norm'])}"
-                   f", expected noise norm {fmt(fc['expected_noise_norm'])}.")
+        head = ("the head started from the class means" if fc.get("head_init") else
+                f"the head started random ({fc.get('head_reason')})")
+        st.caption(f"Round 0: each node released DP class statistics of its features (σ = "
+                   f"{fmt(sigma)}, in its ε above) to centre and start the classification head;"
+                   f" centre from {fc['nodes']} node(s), {fc['examples']:,} examples, norm "
+                   f"{fmt(fc['norm'])}, expected noise norm {fmt(fc['expected_noise_norm'])}; "
+                   f"{head}.")
     else:
-        st.warning(f"Round 0: the nodes' DP feature means (σ = {fmt(sigma)}, in their ε) were "
-                   f"not used: {fc.get('reason')}. The head trained on uncentred features.",
-                   icon=":material/warning:")
+        st.warning(f"Round 0: the nodes' DP class statistics (σ = {fmt(sigma)}, in their ε) "
+                   f"were not used: {fc.get('reason')}. The head trained on uncentred features"
+                   " from a random start.", icon=":material/warning:")
 
 
 def _ledger(run: dict[str, Any]) -> None:

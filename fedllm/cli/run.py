@@ -104,7 +104,9 @@ def print_stored_summary(console: Console, run: dict[str, Any], db_path: str | P
     if fc:
         console.print(
             f"feature centre: used ({fc['nodes']} node(s), {fc['examples']:,} examples, norm "
-            f"{fc['norm']:.3f}, expected noise norm {fc['expected_noise_norm']:.3f})"
+            f"{fc['norm']:.3f}, expected noise norm {fc['expected_noise_norm']:.3f}); head "
+            + ("started from the class means" if fc.get("head_init") else
+               f"[yellow]started random[/] ({fc.get('head_reason')})")
             if fc.get("used") else f"feature centre: [yellow]skipped[/] ({fc.get('reason')})")
     console.print(f"adapter:   {run.get('adapter_path')}")
     console.print(f"run store: {db_path}")
@@ -337,7 +339,8 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
                 "steps_per_round": dp.steps_per_round, "noise_multiplier": dp.noise_multiplier,
                 "calibrated": dp.calibrated, "projected_epsilon": list(dp.projected_epsilon)})
     if cfg.centers_features:
-        # Round 0: one Gaussian release of each node's feature mean, in its ε (and in σ above).
+        # Round 0: one Gaussian release of each node's class statistics (per-class feature sums
+        # and counts), in its ε (and in σ above).
         plan["feature_center"] = {
             "noise_multiplier": p.center_noise_multiplier, "sample_rate": 1.0, "steps": 1,
             "epsilon": compute_epsilon(list(cfg.center_prior()), delta=p.delta,
@@ -373,9 +376,9 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
         console.print(tab)
         if "feature_center" in plan:
             fc = plan["feature_center"]
-            console.print(f"before round 1 each node releases a DP mean of its features to "
-                          f"centre the head (σ={fc['noise_multiplier']:g}, alone ε="
-                          f"{fc['epsilon']:.3f}; composed into the ε above)")
+            console.print(f"before round 1 each node releases DP class statistics of its "
+                          f"features to centre and start the head (σ={fc['noise_multiplier']:g},"
+                          f" alone ε={fc['epsilon']:.3f}; composed into the ε above)")
     if "central_dp" in plan:
         c = plan["central_dp"]
         console.print(f"central DP (node-level): q={c['sample_rate']:.3f}, clip={c['clip_norm']:g}"

@@ -70,10 +70,10 @@ def test_utility_smoke(tmp_path):
                                     "federated_dp_eps1"}
     for eps in (8, 3, 1):
         setting = row["settings"][f"federated_dp_eps{eps}"]
-        # whole-run calibration, the private feature mean included: each node ends at (just
-        # under) its target
+        # whole-run calibration, the class-statistics release included: each node ends at
+        # (just under) its target
         assert all(0.9 * eps <= e <= eps * 1.01 for e in setting["epsilon_spent"]), setting
-        assert setting["feature_center_norm"] > 0
+        assert setting["class_stats"]["examples"] == 192
 
 
 def test_utility_split_keeps_skew_and_pooled_label_mix():

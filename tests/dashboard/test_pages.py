@@ -90,7 +90,7 @@ def test_privacy_page(tiny_run: dict, open_page: Open) -> None:
     assert "No secure aggregation." in at.warning[0].value
     # the tiny run's nodes are too small for the feature centre: the page says it went unused
     assert status["feature_center"]["used"] is False
-    assert "feature means (σ = 20.0000, in their ε) were not used: too noisy" \
+    assert "class statistics (σ = 4.0000, in their ε) were not used: too noisy" \
         in at.warning[1].value
     table = _frame_with(at, "ε spent (last recorded)").set_index("Node")
     last = _last_eps(status)
