@@ -104,6 +104,26 @@ def _settings(epsilons: list[float]) -> list[tuple[str, float | None, bool]]:
             + [(f"federated_dp_eps{e:g}", e, True) for e in epsilons])
 
 
+def _center_and_init(lm: Any, rel: list, *, sigma: float, a: argparse.Namespace,
+                     dev: Any = None) -> dict[str, Any]:
+    """Centre the head's input and start it from the class means of the nodes' class
+    statistics ``rel`` (averaged by examples, as FedAvg does), as fedllm's coordinator does
+    (fedllm.aggregate.estimate_class_stats)."""
+    est = estimate_class_stats(
+        fedavg([({"s": r.stats}, float(r.num_examples)) for r in rel])["s"],
+        nodes=len(rel), examples=sum(r.num_examples for r in rel), noise_multiplier=sigma)
+    out: dict[str, Any] = {"class_stats": est.summary()}
+    if est.usable:
+        lm.set_feature_center(est.center)
+        if est.head_usable and not a.no_head_init:
+            w, b = est.head()
+            lm.load_adapter_state(with_head(lm.adapter_state(), weight=w,
+                                            bias=b - w @ est.center))
+            if dev is not None:
+                out["head_init_accuracy"] = round(evaluate(lm, dev)["accuracy"], 4)
+    return out
+
+
 def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | None,
                 federated: bool, a: argparse.Namespace, seed: int) -> dict[str, Any]:
     """Train from the same initial adapter; returns dev metrics, ε and timing."""
@@ -114,8 +134,17 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
     if eps is not None:  # DP settings may be given per ε
         lr, head_lr = per_epsilon(a.dp_lr, eps), per_epsilon(a.dp_head_lr, eps)
         opt, batch = a.dp_optimizer, int(per_epsilon(a.dp_batch_size, eps))
+        lora_clip = per_epsilon(a.dp_lora_clip, eps) if a.dp_lora_clip else None
+        lora_clip = lora_clip if lora_clip and lora_clip > 0 else None  # 0: flat clipping
     else:
         lr, head_lr, opt, batch = a.lr, a.head_lr, a.optimizer, a.batch_size
+        lora_clip = None
+    if eps is None and a.center_nodp:
+        # The non-private analogue of the DP settings' start: exact class statistics (σ = 0)
+        # centre the head's input and give its start, for centralised and federated alike.
+        out.update(_center_and_init(
+            lm, [private_class_stats(lm, ds, noise_multiplier=0.0, seed=seed) for ds in nodes],
+            sigma=0.0, a=a, dev=dev))
     if not federated:
         from fedllm.data import TokenizedDataset
 
@@ -138,20 +167,9 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
             rel = [private_class_stats(lm, ds, noise_multiplier=sigma_c,
                                        seed=seed + 7919 * (i + 1))
                    for i, ds in enumerate(nodes)]
-            est = estimate_class_stats(
-                fedavg([({"s": r.stats}, float(r.num_examples)) for r in rel])["s"],
-                nodes=len(rel), examples=sum(r.num_examples for r in rel),
-                noise_multiplier=sigma_c)
             for h, r in zip(histories, rel, strict=True):
                 h.extend(r.history())
-            out["class_stats"] = est.summary()
-            if est.usable:
-                lm.set_feature_center(est.center)
-                if est.head_usable and not a.no_head_init:
-                    w, b = est.head()
-                    lm.load_adapter_state(with_head(lm.adapter_state(), weight=w,
-                                                    bias=b - w @ est.center))
-                    out["head_init_accuracy"] = round(evaluate(lm, dev)["accuracy"], 4)
+            out.update(_center_and_init(lm, rel, sigma=sigma_c, a=a, dev=dev))
         if eps is not None:  # σ per node, for the whole run after its feature-mean release
             sigmas = [plan_dp_sgd(num_examples=len(ds), batch_size=batch,
                                   local_epochs=a.local_epochs, rounds=a.rounds,
@@ -163,8 +181,9 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
             updates = []
             for i, ds in enumerate(nodes):
                 lm.load_adapter_state(global_state)
-                dp = None if eps is None else DPParams(noise_multiplier=sigmas[i],
-                                                       max_grad_norm=a.max_grad_norm)
+                dp = None if eps is None else DPParams(
+                    noise_multiplier=sigmas[i], max_grad_norm=a.max_grad_norm,
+                    lora_max_grad_norm=lora_clip, lora_noise_share=a.dp_lora_noise_share)
                 r = train_local(lm, ds, epochs=a.local_epochs, batch_size=min(batch, len(ds)),
                                 physical_batch_size=a.physical_batch_size, learning_rate=lr,
                                 dp=dp, seed=seed + 1000 * rnd + i, optimizer=opt,
@@ -216,7 +235,14 @@ def main(argv: list[str] | None = None) -> dict:
                          "'Performance')")
     ap.add_argument("--dp-head-lr", default="0.03",
                     help="DP learning rate of the classification head (once or per ε)")
-    ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--max-grad-norm", type=float, default=1.0,
+                    help="DP clip norm (flat; with --dp-lora-clip the head's)")
+    ap.add_argument("--dp-lora-clip", default="",
+                    help="DP settings: clip LoRA to this norm separately from the head "
+                         "(grouped clipping, fedllm.train.GroupedDPOptimizer), once or per ε; "
+                         "empty or 0 = flat clipping of the whole gradient")
+    ap.add_argument("--dp-lora-noise-share", type=float, default=0.5,
+                    help="grouped clipping: LoRA's share a² of the unit sensitivity")
     ap.add_argument("--center-noise", default="4",
                     help="DP settings: noise multiplier of each node's class-statistics release "
                          "(centre + class means), once or per ε (4: ε ≈ 0.93 of the budget)")
@@ -224,6 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="DP settings: no class-statistics release (uncentred, random head)")
     ap.add_argument("--no-head-init", action="store_true",
                     help="DP settings: centre only; the head starts random")
+    ap.add_argument("--center-nodp", action="store_true",
+                    help="non-private settings: centre and start the head from exact class "
+                         "statistics (the DP settings' start without noise)")
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--pooling", default="auto", choices=["auto", "mean", "mean-norm", "cls"])

@@ -200,7 +200,8 @@ def estimate_class_stats(mean: np.ndarray, *, nodes: int, examples: int,
     center = sums.sum(axis=0) / max(float(shares.sum()), 1e-12)  # (H,)
     noise_sq = classes * hidden * var  # E‖Σ_c noise_c‖², p.sum() ≈ 1
     signal_sq = max(float(np.sum(center ** 2)) - noise_sq, 0.0)
-    count_snr = float(shares.min() / share_std)
+    count_snr = float(shares.min() / share_std) if share_std > 0 else (
+        float("inf") if shares.min() > 0 else 0.0)  # σ = 0: exact statistics
     if count_snr > 0:
         means = sums / shares[:, None]  # (C, H)
         mean_noise_sq = hidden * var / shares ** 2  # (C,) E‖noise in μ_c‖²

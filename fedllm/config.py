@@ -200,6 +200,15 @@ class PrivacyConfig(_Frozen):
     # one DP-SGD step with q = 1. At 4: ε ≈ 0.93 alone (PRV, δ = 1e-5), class means near exact
     # at ~3,000 examples per node; training's σ is recalibrated around it so the target holds.
     center_noise_multiplier: float = Field(4.0, gt=0)
+    # Grouped clipping (seq-cls, fedllm.train.GroupedDPOptimizer): clip LoRA's part of each
+    # example's gradient to this norm and the head's to max_grad_norm, separately, and noise
+    # each group in proportion to its own norm (same σ and ε as flat clipping). None = flat:
+    # the whole gradient clipped to max_grad_norm. With the head started from the class means
+    # LoRA's gradients (through the head's weights) dwarf the head's, and flat clipping
+    # scales the head's signal down ~12x.
+    lora_max_grad_norm: float | None = Field(None, gt=0)
+    # LoRA's share a² of the unit sensitivity (the head has 1 − a²): group noise σ C_g / a_g.
+    lora_noise_share: float = Field(0.5, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _dp_off_must_be_explicit(self) -> PrivacyConfig:
@@ -329,6 +338,15 @@ class RunConfig(_Frozen):
                 f"train.physical_batch_size ({self.train.physical_batch_size}) exceeds "
                 f"train.batch_size ({self.train.batch_size})"
             )
+        if self.privacy.lora_max_grad_norm is not None:
+            if self.model.task != "seq-cls":
+                raise ValueError("privacy.lora_max_grad_norm (grouped clipping of head and "
+                                 f"LoRA) needs a classification head; model.task is "
+                                 f"{self.model.task!r}")
+            if self.train.clipping == "ghost":
+                raise ValueError("privacy.lora_max_grad_norm (grouped clipping) needs "
+                                 "per-sample gradients: train.clipping 'auto' or 'hooks', "
+                                 "not 'ghost'")
         if self.train.center_features == "on":
             why = ("privacy.enabled is false (the centre is a DP release)"
                    if not self.privacy.enabled else

@@ -34,7 +34,7 @@ from fedllm.evaluate import predict_proba
 from fedllm.model import LoadedModel, load_run_model
 from fedllm.node import load_node_table, simulated_node_data
 from fedllm.privacy import compute_epsilon, plan_dp_sgd
-from fedllm.train import DPParams, train_for_run
+from fedllm.train import DPParams, dp_for_run, train_for_run
 
 
 @dataclass(frozen=True)
@@ -137,8 +137,7 @@ def run_canary_audit(config: RunConfig, *, canaries: int = 32, canary_length: in
                            accountant=p.accountant, noise_multiplier=p.noise_multiplier,
                            project=False)
         sigma = plan.noise_multiplier
-        dp = DPParams(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
-                      accountant=p.accountant)
+        dp = dp_for_run(p, noise_multiplier=sigma)
     history: list[tuple[float, float, int]] = []
     for rnd in range(rounds):  # one node federated with itself: its update is the model
         result = train_for_run(loaded, ds, t, dp=dp, seed=seed * 1000 + rnd)

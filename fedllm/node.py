@@ -50,7 +50,7 @@ from fedllm.protocol import (
 )
 from fedllm.sealed import SealedDir, SealedError
 from fedllm.store import fedllm_home
-from fedllm.train import DPParams, private_class_stats, train_for_run
+from fedllm.train import DPParams, dp_for_run, private_class_stats, train_for_run
 
 log = logging.getLogger(__name__)
 
@@ -451,8 +451,7 @@ class NodeRuntime:
                                     f"privacy budget exhausted: {what} would take ε from "
                                     f"{spent:.3f} to {projected:.3f} > limit {limit:g} "
                                     f"(δ={p.delta:g})")
-            dp = DPParams(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
-                          accountant=p.accountant)
+            dp = dp_for_run(p, noise_multiplier=sigma)
 
         if center_phase:
             t0 = time.perf_counter()

@@ -148,3 +148,18 @@ def test_estimate_class_stats_knows_its_noise_and_recovers_centre_shares_and_cla
         estimate_class_stats(absent, nodes=0, examples=0, noise_multiplier=sigma)
     with pytest.raises(ValueError, match="classes"):
         estimate_class_stats(absent[0], nodes=1, examples=3000, noise_multiplier=sigma)
+
+
+def test_exact_class_stats_sigma_zero():
+    """σ = 0 (non-private benchmarks): the estimate is the exact centre and class means."""
+    rng = np.random.default_rng(1)
+    x, y = _class_data(rng, 400, 0.3)
+    exact = _release(x, y, 0.0, rng)
+    est = estimate_class_stats(exact, nodes=1, examples=400, noise_multiplier=0.0)
+    assert est.expected_noise_norm == 0 and est.count_snr == float("inf")
+    assert est.usable and est.head_usable
+    np.testing.assert_allclose(est.center, x.mean(0), atol=1e-5)
+    np.testing.assert_allclose(est.class_means[1], x[y == 1].mean(0), atol=1e-5)
+    absent = _release(x, np.zeros(400, np.int64), 0.0, rng)
+    assert estimate_class_stats(absent, nodes=1, examples=400,
+                                noise_multiplier=0.0).count_snr == 0.0

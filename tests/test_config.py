@@ -127,3 +127,21 @@ def test_feature_centring_is_on_for_dp_classification_only():
     assert load_config(None, {"train.head_init": "random"}).train.head_init == "random"
     with pytest.raises(ConfigError, match="head_init"):
         load_config(None, {"train.head_init": "lda"})
+
+
+def test_grouped_clipping_needs_a_head_and_per_sample_gradients():
+    from fedllm.train import dp_for_run
+
+    cfg = load_config(None, {"privacy.lora_max_grad_norm": 0.5})
+    dp = dp_for_run(cfg.privacy, noise_multiplier=1.2)
+    assert (dp.noise_multiplier, dp.max_grad_norm, dp.lora_max_grad_norm,
+            dp.lora_noise_share) == (1.2, 1.0, 0.5, 0.5)
+    assert dp_for_run(load_config(None, {}).privacy, noise_multiplier=1.0).lora_max_grad_norm \
+        is None
+    with pytest.raises(ConfigError, match="needs a classification head"):
+        load_config(None, {"privacy.lora_max_grad_norm": 0.5, "model.task": "causal-lm"})
+    with pytest.raises(ConfigError, match="not 'ghost'"):
+        load_config(None, {"privacy.lora_max_grad_norm": 0.5, "train.clipping": "ghost"})
+    for bad in ({"privacy.lora_max_grad_norm": 0}, {"privacy.lora_noise_share": 1}):
+        with pytest.raises(ConfigError, match="lora_"):
+            load_config(None, bad)

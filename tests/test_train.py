@@ -83,7 +83,8 @@ def test_causal_lm_dp_step(tiny_causal_lm):
     assert r.steps == 4 and np.isfinite(r.mean_loss)
 
 
-def _clipped_sum(lm, ds, mode: str, max_grad_norm: float) -> dict[str, np.ndarray]:
+def _clipped_sum(lm, ds, mode: str, max_grad_norm: float, *,
+                 lora_max_grad_norm: float | None = None) -> dict[str, np.ndarray]:
     """Σ_i clip(g_i) over all examples via the private loop with σ = 0 and SGD(lr=1): with q = 1
     every example is drawn, and the step moves the adapter by -Σ clip(g_i) / N."""
     import torch
@@ -98,15 +99,18 @@ def _clipped_sum(lm, ds, mode: str, max_grad_norm: float) -> dict[str, np.ndarra
     _train_dp(lm.model, ds, Collator(int(lm.tokenizer.pad_token_id)),
               torch.optim.SGD(list(trainable.values()), lr=1.0), device=lm.device,
               task=lm.task, epochs=1, batch_size=len(ds), physical_batch_size=3,
-              dp=DPParams(0.0, max_grad_norm), seed=0, grad_sample_mode=mode)
+              dp=DPParams(0.0, max_grad_norm, lora_max_grad_norm=lora_max_grad_norm), seed=0,
+              grad_sample_mode=mode)
     lm.model.eval()
     after = {n: p.detach().numpy().copy() for n, p in trainable.items()}
     lm.load_adapter_state(state)
     return {k: (before[k] - after[k]) * len(ds) for k in before}
 
 
-def _manual_clipped_sum(lm, ds, max_grad_norm: float) -> dict[str, np.ndarray]:
-    """The definition, one example at a time, no Opacus: Σ_i g_i · min(1, C / ‖g_i‖)."""
+def _manual_clipped_sum(lm, ds, max_grad_norm: float, *,
+                        lora_max_grad_norm: float | None = None) -> dict[str, np.ndarray]:
+    """The definition, one example at a time, no Opacus: Σ_i g_i · min(1, C / ‖g_i‖); with
+    ``lora_max_grad_norm`` the head's part clipped to C and the rest to C_l separately."""
     import torch
 
     from fedllm.data import Collator
@@ -121,10 +125,16 @@ def _manual_clipped_sum(lm, ds, max_grad_norm: float) -> dict[str, np.ndarray]:
         example_losses(lm.model, collate([ds[i]]), lm.task).sum().backward()
         grads = {names[id(p)]: p.grad.detach().clone()
                  for p in lm.model.parameters() if p.requires_grad}
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
-        scale = min(1.0, max_grad_norm / (float(norm) + 1e-6))
+        groups = ({n: "all" for n in grads} if lora_max_grad_norm is None
+                  else {n: "head" if "head" in n else "lora" for n in grads})
+        bound = {"all": max_grad_norm, "head": max_grad_norm, "lora": lora_max_grad_norm}
+        scale = {}
+        for grp in set(groups.values()):
+            norm = torch.sqrt(sum((g.double() ** 2).sum() for n, g in grads.items()
+                                  if groups[n] == grp))
+            scale[grp] = min(1.0, bound[grp] / (float(norm) + 1e-6))
         for n, g in grads.items():
-            total[n] = total.get(n, 0) + g * scale
+            total[n] = total.get(n, 0) + g * scale[groups[n]]
     lm.model.zero_grad(set_to_none=True)
     lm.model.eval()
     return {n: g.numpy() for n, g in total.items()}
@@ -165,6 +175,83 @@ def test_ghost_and_hooks_clip_the_same(setup):
         np.testing.assert_allclose(hooks[k], manual[k], atol=1e-6, rtol=1e-3)
     # Pinned: the head's clipped-gradient sum (model seed 0, first 8 demo examples, C = 0.01).
     assert float(np.abs(hooks[head]).sum()) == pytest.approx(PINNED_HEAD_L1, rel=1e-3)
+
+
+def test_grouped_clipping_clips_head_and_lora_separately(setup):
+    """Grouped clipping's σ = 0 sum equals the definition: the head's part of each example's
+    gradient clipped to C, LoRA's to C_l, independently (8 examples, chunks of 3)."""
+    lm, ds_all = setup
+    ds = type(ds_all)(ds_all.input_ids[:8], ds_all.labels[:8])
+    state = lm.adapter_state()
+    # A non-zero LoRA B, so LoRA A has a gradient too (B = 0 at init).
+    lm.load_adapter_state({k: (v + 0.05 if "lora_B" in k else v) for k, v in state.items()})
+    try:
+        grouped = _clipped_sum(lm, ds, "hooks", 0.01, lora_max_grad_norm=0.002)
+        manual = _manual_clipped_sum(lm, ds, 0.01, lora_max_grad_norm=0.002)
+        flat = _manual_clipped_sum(lm, ds, 0.01)
+    finally:
+        lm.load_adapter_state(state)
+    assert set(grouped) == set(manual)
+    for k in grouped:
+        np.testing.assert_allclose(grouped[k], manual[k], atol=1e-7, rtol=1e-3)
+    # Each group's sum is bounded by its own clip norm times the 8 examples.
+    head = math.sqrt(sum(float((v.astype(np.float64) ** 2).sum())
+                         for k, v in grouped.items() if "head" in k))
+    lora = math.sqrt(sum(float((v.astype(np.float64) ** 2).sum())
+                         for k, v in grouped.items() if "head" not in k))
+    assert 0 < head <= 8 * 0.01 + 1e-6 and 0 < lora <= 8 * 0.002 + 1e-6
+    # ... and it is not flat clipping: LoRA's tighter bound leaves the head more of its part.
+    assert any(not np.allclose(grouped[k], flat[k], rtol=1e-2) for k in grouped if "head" in k)
+
+
+def test_grouped_noise_is_per_group_and_accounted_as_flat():
+    """Noise std σ C_g / a_g per group (a_head² = 1 − share, a_lora² = share); the accountant
+    records the same (σ, q, steps) as flat clipping at σ."""
+    from opacus import GradSampleModule
+
+    from fedllm.train import GroupedDPOptimizer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.add_module("body", torch.nn.Linear(200, 200, bias=False))
+    net.add_module("head", torch.nn.Linear(200, 200, bias=False))
+    gsm = GradSampleModule(net)
+    head_ids = {id(net.head.weight)}
+    sigma, c_head, c_lora, share = 2.0, 0.5, 0.1, 0.2
+    opt = GroupedDPOptimizer(torch.optim.SGD(net.parameters(), lr=1.0), noise_multiplier=sigma,
+                             expected_batch_size=1, head_params=head_ids,
+                             head_max_grad_norm=c_head, lora_max_grad_norm=c_lora,
+                             lora_noise_share=share, loss_reduction="sum")
+    gsm(torch.zeros(3, 200)).sum().backward()  # zero inputs: zero per-sample gradients
+    assert opt.pre_step()
+    std_head = float(net.head.weight.grad.std())
+    std_body = float(net.body.weight.grad.std())
+    assert std_head == pytest.approx(sigma * c_head / math.sqrt(1 - share), rel=0.02)
+    assert std_body == pytest.approx(sigma * c_lora / math.sqrt(share), rel=0.02)
+    with pytest.raises(ValueError, match="head and non-head"):
+        GroupedDPOptimizer(torch.optim.SGD(net.parameters(), lr=1.0), noise_multiplier=1.0,
+                           expected_batch_size=1, head_params=set(), head_max_grad_norm=1.0,
+                           lora_max_grad_norm=1.0, lora_noise_share=0.5)
+    with pytest.raises(ValueError, match="lora_noise_share"):
+        DPParams(1.0, 1.0, lora_max_grad_norm=0.1, lora_noise_share=1.0)
+
+
+def test_grouped_round_history_and_ghost_refusal(setup):
+    lm, ds = setup
+    before = lm.adapter_state()
+    kw = dict(epochs=1, batch_size=40, physical_batch_size=40, learning_rate=1e-3, seed=4)
+    flat = train_local(lm, ds, dp=DPParams(1.3, 1.0), **kw)
+    lm.load_adapter_state(before)
+    grouped = train_local(lm, ds, dp=DPParams(1.3, 1.0, lora_max_grad_norm=0.1), **kw)
+    assert grouped.history == flat.history == [(1.3, pytest.approx(1 / 3), 3)]
+    assert grouped.clipping == "hooks"
+    assert any(not np.allclose(before[k], v) for k, v in lm.adapter_state().items())
+    lm.load_adapter_state(before)
+    with pytest.raises(ValueError, match="ghost"):
+        train_local(lm, ds, dp=DPParams(1.3, 1.0, lora_max_grad_norm=0.1), clipping="ghost",
+                    **kw)
+    lm.load_adapter_state(before)
+    assert not any(hasattr(p, "grad_sample") for p in lm.model.parameters())
 
 
 def test_auto_clipping_picks_hooks_for_lora_and_ghost_for_huge_trainables(setup):
@@ -297,8 +384,11 @@ def test_private_class_stats_are_clipped_class_sums_and_counts_plus_calibrated_n
     assert np.allclose(private_class_stats(lm, ds, noise_multiplier=1e-6, seed=0).stats,
                        exact, atol=1e-6)
     lm.load_adapter_state(saved)
-    with pytest.raises(ValueError, match="positive"):
-        private_class_stats(lm, ds, noise_multiplier=0.0, seed=0)
+    # σ = 0 (non-private benchmarks only; a run's σ is validated > 0): the exact statistic.
+    assert np.allclose(private_class_stats(lm, ds, noise_multiplier=0.0, seed=0).stats,
+                       exact, atol=1e-6)
+    with pytest.raises(ValueError, match="non-negative"):
+        private_class_stats(lm, ds, noise_multiplier=-1.0, seed=0)
     with pytest.raises(ValueError, match="labelled"):
         private_class_stats(lm, type(ds)(ds.input_ids, None), noise_multiplier=1.0, seed=0)
     lm.model.eval()

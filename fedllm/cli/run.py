@@ -326,7 +326,9 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
     plan: dict[str, Any] = {"rounds": fed.rounds, "dp_enabled": p.enabled, "nodes": []}
     if p.enabled:
         plan.update(target_epsilon=p.target_epsilon, delta=p.delta, accountant=p.accountant,
-                    epsilon_limit=p.epsilon_limit, max_grad_norm=p.max_grad_norm)
+                    epsilon_limit=p.epsilon_limit, max_grad_norm=p.max_grad_norm,
+                    lora_max_grad_norm=p.lora_max_grad_norm,
+                    lora_noise_share=p.lora_noise_share if p.lora_max_grad_norm else None)
         for i, n in enumerate(sizes):
             dp = plan_dp_sgd(num_examples=n, batch_size=t.batch_size,
                              local_epochs=t.local_epochs, rounds=fed.rounds,
@@ -361,8 +363,11 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
     if not p.enabled:
         console.print("[bold red]DP OFF: no privacy plan (nothing bounds what updates reveal)[/]")
     else:
+        clip = (f"clip C={p.max_grad_norm:g}" if p.lora_max_grad_norm is None else
+                f"grouped clip: head C={p.max_grad_norm:g}, LoRA C={p.lora_max_grad_norm:g} "
+                f"(noise share {p.lora_noise_share:g})")
         console.print(f"privacy plan: target ε={p.target_epsilon:g} after round {fed.rounds}, "
-                      f"δ={p.delta:g}, accountant {p.accountant}, clip C={p.max_grad_norm:g}; "
+                      f"δ={p.delta:g}, accountant {p.accountant}, {clip}; "
                       f"nodes refuse above ε={p.epsilon_limit:g} (or their operator's limit)")
         tab = Table(title="per-node DP-SGD plan (example-level)")
         for col in ("node", "examples", "q", "E\\[batch]", "steps/round", "σ",
