@@ -137,7 +137,7 @@ def run_canary_audit(config: RunConfig, *, canaries: int = 32, canary_length: in
                            accountant=p.accountant, noise_multiplier=p.noise_multiplier,
                            project=False)
         sigma = plan.noise_multiplier
-        dp = dp_for_run(p, noise_multiplier=sigma)
+        dp = dp_for_run(config, noise_multiplier=sigma)
     history: list[tuple[float, float, int]] = []
     for rnd in range(rounds):  # one node federated with itself: its update is the model
         result = train_for_run(loaded, ds, t, dp=dp, seed=seed * 1000 + rnd)

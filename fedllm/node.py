@@ -451,7 +451,7 @@ class NodeRuntime:
                                     f"privacy budget exhausted: {what} would take ε from "
                                     f"{spent:.3f} to {projected:.3f} > limit {limit:g} "
                                     f"(δ={p.delta:g})")
-            dp = dp_for_run(p, noise_multiplier=sigma)
+            dp = dp_for_run(cfg, noise_multiplier=sigma)
 
         if center_phase:
             t0 = time.perf_counter()

@@ -34,7 +34,7 @@ from fedllm.data import Collator, TokenizedDataset
 from fedllm.model import HEAD_MODULE, LoadedModel, SequenceClassifier
 
 if TYPE_CHECKING:
-    from fedllm.config import PrivacyConfig, TrainConfig
+    from fedllm.config import RunConfig, TrainConfig
 
 Clipping = Literal["auto", "hooks", "ghost"]
 Optimizer = Literal["sgd", "adamw"]
@@ -421,13 +421,14 @@ def train_local(
     return result
 
 
-def dp_for_run(privacy: PrivacyConfig, *, noise_multiplier: float) -> DPParams:
+def dp_for_run(config: RunConfig, *, noise_multiplier: float) -> DPParams:
     """A run's ``[privacy]`` clipping settings with the node's calibrated σ: the one place that
     maps them, for the nodes and the canary audit."""
-    return DPParams(noise_multiplier=noise_multiplier, max_grad_norm=privacy.max_grad_norm,
-                    accountant=privacy.accountant,
-                    lora_max_grad_norm=privacy.lora_max_grad_norm,
-                    lora_noise_share=privacy.lora_noise_share)
+    p = config.privacy
+    return DPParams(noise_multiplier=noise_multiplier, max_grad_norm=p.max_grad_norm,
+                    accountant=p.accountant,
+                    lora_max_grad_norm=p.lora_max_grad_norm if config.grouped_clipping else None,
+                    lora_noise_share=p.lora_noise_share)
 
 
 def train_for_run(loaded: LoadedModel, dataset: TokenizedDataset, train: TrainConfig, *,

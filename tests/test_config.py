@@ -129,19 +129,22 @@ def test_feature_centring_is_on_for_dp_classification_only():
         load_config(None, {"train.head_init": "lda"})
 
 
-def test_grouped_clipping_needs_a_head_and_per_sample_gradients():
+def test_grouped_clipping_is_opt_in_for_heads_and_needs_per_sample_gradients():
     from fedllm.train import dp_for_run
 
-    cfg = load_config(None, {"privacy.lora_max_grad_norm": 0.5})
-    dp = dp_for_run(cfg.privacy, noise_multiplier=1.2)
+    flat = load_config(None, {})
+    assert flat.privacy.clip_groups == "flat" and not flat.grouped_clipping
+    assert dp_for_run(flat, noise_multiplier=1.0).lora_max_grad_norm is None
+    cfg = load_config(None, {"privacy.clip_groups": "head-lora"})
+    dp = dp_for_run(cfg, noise_multiplier=1.2)
     assert (dp.noise_multiplier, dp.max_grad_norm, dp.lora_max_grad_norm,
-            dp.lora_noise_share) == (1.2, 1.0, 0.5, 0.5)
-    assert dp_for_run(load_config(None, {}).privacy, noise_multiplier=1.0).lora_max_grad_norm \
-        is None
+            dp.lora_noise_share) == (1.2, 1.0, 0.1, 0.5)
     with pytest.raises(ConfigError, match="needs a classification head"):
-        load_config(None, {"privacy.lora_max_grad_norm": 0.5, "model.task": "causal-lm"})
+        load_config(None, {"privacy.clip_groups": "head-lora", "model.task": "causal-lm"})
     with pytest.raises(ConfigError, match="not 'ghost'"):
-        load_config(None, {"privacy.lora_max_grad_norm": 0.5, "train.clipping": "ghost"})
-    for bad in ({"privacy.lora_max_grad_norm": 0}, {"privacy.lora_noise_share": 1}):
-        with pytest.raises(ConfigError, match="lora_"):
+        load_config(None, {"privacy.clip_groups": "head-lora", "train.clipping": "ghost"})
+    assert load_config(None, {"train.clipping": "ghost"}).train.clipping == "ghost"
+    for bad in ({"privacy.lora_max_grad_norm": 0}, {"privacy.lora_noise_share": 1},
+                {"privacy.clip_groups": "per-layer"}):
+        with pytest.raises(ConfigError, match="lora_|clip_groups"):
             load_config(None, bad)

@@ -327,8 +327,9 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
     if p.enabled:
         plan.update(target_epsilon=p.target_epsilon, delta=p.delta, accountant=p.accountant,
                     epsilon_limit=p.epsilon_limit, max_grad_norm=p.max_grad_norm,
-                    lora_max_grad_norm=p.lora_max_grad_norm,
-                    lora_noise_share=p.lora_noise_share if p.lora_max_grad_norm else None)
+                    clip_groups="head-lora" if cfg.grouped_clipping else "flat",
+                    lora_max_grad_norm=p.lora_max_grad_norm if cfg.grouped_clipping else None,
+                    lora_noise_share=p.lora_noise_share if cfg.grouped_clipping else None)
         for i, n in enumerate(sizes):
             dp = plan_dp_sgd(num_examples=n, batch_size=t.batch_size,
                              local_epochs=t.local_epochs, rounds=fed.rounds,
@@ -363,7 +364,7 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
     if not p.enabled:
         console.print("[bold red]DP OFF: no privacy plan (nothing bounds what updates reveal)[/]")
     else:
-        clip = (f"clip C={p.max_grad_norm:g}" if p.lora_max_grad_norm is None else
+        clip = (f"clip C={p.max_grad_norm:g}" if not cfg.grouped_clipping else
                 f"grouped clip: head C={p.max_grad_norm:g}, LoRA C={p.lora_max_grad_norm:g} "
                 f"(noise share {p.lora_noise_share:g})")
         console.print(f"privacy plan: target ε={p.target_epsilon:g} after round {fed.rounds}, "
