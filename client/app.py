@@ -25,6 +25,7 @@ from fedllm.node import (
     NodeDataSpec,
     NodeIdentity,
     NodeRuntime,
+    release_free_memory,
     simulated_node_data,
     simulated_state_dir,
 )
@@ -84,7 +85,10 @@ def train_reply(msg: Message, context: Context, home: Path, *, evaluate: bool = 
             "`fedllm node start --config node.toml`) nor a 'partition-id' (simulation)"
         )
     handler = node_runtime().evaluate if evaluate else node_runtime().train
-    return handler(request, identity=identity, data=data)
+    try:
+        return handler(request, identity=identity, data=data)
+    finally:
+        release_free_memory()  # the node process lives on: keep its RSS flat across rounds
 
 
 def register_secagg(app: ClientApp, train: Callable[[Message, Context], TrainReply]) -> None:
