@@ -316,13 +316,21 @@ class GroupedDPOptimizer(DPOptimizer):
             _mark_as_processed(p.summed_grad)
 
 
-def choose_clipping(model: nn.Module, *, physical_batch_size: int, mode: Clipping) -> str:
+def choose_clipping(model: nn.Module, *, physical_batch_size: int, mode: Clipping,
+                    grouped: bool = False) -> str:
     """The Opacus ``grad_sample_mode`` for this model: ``mode`` unless it is ``"auto"``.
 
     auto: "hooks" while one physical batch of per-sample gradients fits in
     :data:`GHOST_ABOVE_BYTES` (always the case for LoRA adapters), else "ghost" (large trainable
     parts, e.g. a vocabulary-sized head, where per-sample gradients would not fit).
+    ``grouped`` (:class:`GroupedDPOptimizer`) needs the per-sample gradients themselves: auto
+    gives "hooks", and "ghost" is refused.
     """
+    if grouped:
+        if mode == "ghost":
+            raise ValueError("grouped clipping (lora_max_grad_norm) needs per-sample gradients "
+                             "(clipping = 'hooks' or 'auto'), not ghost clipping")
+        return "hooks"
     if mode != "auto":
         return mode
     per_sample = sum(p.numel() * p.element_size() for p in _trainable(model))
@@ -409,11 +417,9 @@ def train_local(
         result = _train_dp(
             model, dataset, collate, opt, device=device, task=loaded.task, epochs=epochs,
             batch_size=batch_size, physical_batch_size=physical_batch_size, dp=dp, seed=seed,
-            # Grouped clipping needs the per-sample gradients themselves (hooks).
-            grad_sample_mode=choose_clipping(
-                model, physical_batch_size=physical_batch_size,
-                mode="hooks" if dp.lora_max_grad_norm is not None and clipping == "auto"
-                else clipping),
+            grad_sample_mode=choose_clipping(model, physical_batch_size=physical_batch_size,
+                                             mode=clipping,
+                                             grouped=dp.lora_max_grad_norm is not None),
         )
     model.eval()
     result.seconds = time.perf_counter() - t0
@@ -462,10 +468,6 @@ def _train_dp(
     from opacus import PrivacyEngine
     from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
-    if dp.lora_max_grad_norm is not None and grad_sample_mode == "ghost":
-        # Checked before Opacus hooks the model, so a refused round leaves it as it was.
-        raise ValueError("grouped clipping (lora_max_grad_norm) needs per-sample gradients "
-                         "(clipping = 'hooks' or 'auto'), not ghost clipping")
     generator = torch.Generator().manual_seed(seed)
     # batch_size here is the *expected* logical batch: Opacus turns this loader into Poisson
     # sampling with q = 1 / len(loader) = batch_size / N (rounded to whole batches).

@@ -265,6 +265,9 @@ def test_auto_clipping_picks_hooks_for_lora_and_ghost_for_huge_trainables(setup)
     lm, _ = setup
     assert choose_clipping(lm.model, physical_batch_size=64, mode="auto") == "hooks"
     assert choose_clipping(lm.model, physical_batch_size=64, mode="ghost") == "ghost"
+    assert choose_clipping(lm.model, physical_batch_size=64, mode="auto", grouped=True) == "hooks"
+    with pytest.raises(ValueError, match="not ghost"):
+        choose_clipping(lm.model, physical_batch_size=64, mode="ghost", grouped=True)
     big = nn.Linear(1024, GHOST_ABOVE_BYTES // (4 * 1024 * 8) + 1)  # > budget at batch 8
     assert choose_clipping(big, physical_batch_size=8, mode="auto") == "ghost"
     assert choose_clipping(big, physical_batch_size=1, mode="auto") == "hooks"
