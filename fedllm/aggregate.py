@@ -179,6 +179,29 @@ class ClassStatsEstimate:
                 "head_init": self.head_usable}
 
 
+def class_stats_noise_norm(*, nodes: int, examples: int, classes: int, hidden: int,
+                           noise_multiplier: float, clip_norm: float = 1.0) -> float:
+    """Expected norm of the noise in the feature centre that ``nodes`` nodes' class-statistics
+    releases (``examples`` in all) give: sqrt(2 C H nodes) σ C_clip / N (see
+    :func:`estimate_class_stats`). Public counts suffice: the coordinator knows it before any
+    node releases anything."""
+    if nodes < 1 or examples < 1:
+        raise ValueError("class statistics need at least one node and one example")
+    return float(np.sqrt(2.0 * classes * hidden * nodes) * noise_multiplier * clip_norm
+                 / examples)
+
+
+def class_stats_can_help(*, nodes: int, examples: int, classes: int, hidden: int,
+                         noise_multiplier: float, clip_norm: float = 1.0) -> bool:
+    """Whether the releases could give a usable centre at all: the centre is a mean of vectors
+    of norm ≤ C_clip, so its signal is at most C_clip, and it is used only at MIN_CENTER_SNR
+    times its expected noise. False = the release would spend the nodes' ε for certain
+    nothing (many small nodes, e.g. 100 nodes × 18 examples at σ = 4: noise norm 0.87)."""
+    return MIN_CENTER_SNR * class_stats_noise_norm(
+        nodes=nodes, examples=examples, classes=classes, hidden=hidden,
+        noise_multiplier=noise_multiplier, clip_norm=clip_norm) <= clip_norm
+
+
 def estimate_class_stats(mean: np.ndarray, *, nodes: int, examples: int,
                          noise_multiplier: float, clip_norm: float = 1.0) -> ClassStatsEstimate:
     """Judge the example-weighted mean (C, H+1) of ``nodes`` nodes' class-statistics releases.
@@ -198,7 +221,7 @@ def estimate_class_stats(mean: np.ndarray, *, nodes: int, examples: int,
     shares = np.sqrt(2.0) * m[:, hidden] / clip_norm  # (C,) ≈ n_c / N
     share_std = np.sqrt(var) / clip_norm
     center = sums.sum(axis=0) / max(float(shares.sum()), 1e-12)  # (H,)
-    noise_sq = classes * hidden * var  # E‖Σ_c noise_c‖², p.sum() ≈ 1
+    noise_sq = classes * hidden * var  # E‖Σ_c noise_c‖², p.sum() ≈ 1 (class_stats_noise_norm²)
     signal_sq = max(float(np.sum(center ** 2)) - noise_sq, 0.0)
     count_snr = float(shares.min() / share_std) if share_std > 0 else (
         float("inf") if shares.min() > 0 else 0.0)  # σ = 0: exact statistics

@@ -25,6 +25,8 @@ from fedllm.aggregate import (
     MIN_CENTER_SNR,
     UpdateRejected,
     central_dp_average,
+    class_stats_can_help,
+    class_stats_noise_norm,
     estimate_class_stats,
     fedavg,
     reject_outliers,
@@ -50,6 +52,7 @@ from fedllm.privacy import (
 )
 from fedllm.protocol import (
     PHASE_CENTER,
+    PHASE_COUNT,
     STATS_KEY,
     STATUS_REFUSED,
     TrainReply,
@@ -423,7 +426,11 @@ class Coordinator:
         means' head (fedllm.aggregate.estimate_class_stats). Returns the nodes' rows, audit
         entries for round 0 and the initial head (W, b) in centred form, or None. A failed or
         too noisy release is a warning, not a failure: the head then trains uncentred or from
-        its random start, as without the release (utility, not privacy)."""
+        its random start, as without the release (utility, not privacy).
+
+        First the nodes' example counts (PHASE_COUNT, no ε): a release the counts show cannot
+        give a usable centre (fedllm.aggregate.class_stats_can_help) is not asked for, so no
+        node spends ε on it, and the nodes' training σ then uses their whole budget."""
         cfg = self.config
         fed = cfg.federation
         sigma = cfg.privacy.center_noise_multiplier
@@ -432,6 +439,14 @@ class Coordinator:
                                           timeout=min(fed.round_timeout, 300.0)))
         if self.observer:
             self.observer.round_started(0, len(nodes))
+        skipped = self._class_stats_hopeless(transport, nodes, label_names, template)
+        if skipped is not None:
+            self.store.update_run(self.run_id, feature_center=skipped)
+            self._warn(f"class-statistics release not asked for ({skipped['reason']}): the "
+                       "head trains uncentred from its random initialisation; no node spent ε "
+                       "on it")
+            return [], [("coordinator", "feature_center", {**skipped, "center_sha256": None})], \
+                None
         request = TrainRequest(self.run_id, 0, cfg, label_names, template, phase=PHASE_CENTER)
 
         def on_reply(_nid: int) -> None:
@@ -481,7 +496,8 @@ class Coordinator:
                 mean, count = fedavg(good), len(good)
                 examples = int(sum(w for _, w in good))
         self._record_ledgers(ledgers)
-        info: dict[str, Any] = {"noise_multiplier": sigma, "requested": len(nodes)}
+        info: dict[str, Any] = {"noise_multiplier": sigma, "requested": len(nodes),
+                                "released": True}
         head: tuple[np.ndarray, np.ndarray] | None = None
         if mean is None or count < fed.min_nodes or not np.isfinite(mean[STATS_KEY]).all():
             info.update(used=False, head_init=False, nodes=count,
@@ -526,6 +542,39 @@ class Coordinator:
                        "uncentred features from its random initialisation; ε the nodes spent "
                        "on the release stays in their ledgers (round 0)")
         return rows, audit, head
+
+    def _class_stats_hopeless(self, transport: Transport, nodes: list[int],
+                              label_names: tuple[str, ...], template: dict[str, np.ndarray]
+                              ) -> dict[str, Any] | None:
+        """Ask ``nodes`` for their example counts; the feature-centre info to store when the
+        release cannot help, else None. Too few counts (e.g. nodes that predate PHASE_COUNT)
+        predict nothing: the release then goes ahead as before."""
+        cfg = self.config
+        sigma = cfg.privacy.center_noise_multiplier
+        request = TrainRequest(self.run_id, 0, cfg, label_names, {}, phase=PHASE_COUNT)
+        replies = transport.train({nid: request for nid in nodes},
+                                  timeout=cfg.federation.round_timeout, on_reply=lambda _: None)
+        counts = []
+        for reply in replies.values():
+            if isinstance(reply, TrainReply) and reply.ok:
+                n = reply.metrics.get("num_examples")
+                if n is not None and np.isfinite(n) and n >= 1:
+                    counts.append(int(n))
+        if len(counts) < max(cfg.federation.min_nodes, 1):
+            return None
+        classes, width = template[STATS_KEY].shape
+        shape = {"nodes": len(counts), "examples": sum(counts), "classes": classes,
+                 "hidden": width - 1, "noise_multiplier": sigma}
+        if class_stats_can_help(**shape):
+            return None
+        noise = class_stats_noise_norm(**shape)
+        return {"noise_multiplier": sigma, "requested": len(nodes), "released": False,
+                "used": False, "head_init": False, "nodes": len(counts),
+                "examples": sum(counts), "expected_noise_norm": round(noise, 6),
+                "reason": f"the nodes' public counts show it could never be used: at "
+                          f"σ={sigma:g} over {sum(counts)} examples on {len(counts)} node(s) "
+                          f"the centre's expected noise norm {noise:.3f} is above "
+                          f"1/{MIN_CENTER_SNR:g} of the largest centre norm possible (1)"}
 
     def _sample(self, rnd: int, attempt: int, transport: Transport) -> list[int]:
         cfg = self.config

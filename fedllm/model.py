@@ -328,6 +328,13 @@ def with_head(state: dict[str, np.ndarray], *, weight: np.ndarray,
     return out
 
 
+def hidden_size(path: str | None) -> int:
+    """The hidden size of the model at ``path`` (None: the default), from its config alone."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(resolve_model_path(path)).hidden_size)
+
+
 def feature_dim(loaded: LoadedModel) -> int:
     """H, the size of the pooled features a ``seq-cls`` head reads (the centre's shape)."""
     clf = _classifier(loaded.model)

@@ -41,6 +41,7 @@ from fedllm.model import LoadedModel, load_run_model
 from fedllm.privacy import NodeLedger, PrivacyError, ledger_path, plan_dp_sgd
 from fedllm.protocol import (
     PHASE_CENTER,
+    PHASE_COUNT,
     PHASE_TRAIN,
     STATS_KEY,
     STATUS_OK,
@@ -374,10 +375,11 @@ class NodeRuntime:
         """One request of the run: train a round (PHASE_TRAIN) or, before round 1, release
         the DP class statistics that centre and initialise the head (PHASE_CENTER). Both are
         releases of the node's data: budget-checked, recorded in its ledger and stored for
-        replay first."""
+        replay first. PHASE_COUNT, before that release, answers with the number of training
+        examples only (public metadata: no data, no ε, no ledger entry)."""
         cfg = request.config
         p = cfg.privacy
-        center_phase = request.phase == PHASE_CENTER
+        center_phase = request.phase in (PHASE_CENTER, PHASE_COUNT)
         reply = TrainReply(node=identity.name, status=STATUS_OK)
         # The operator's limits come first: no data is read for a run the node will not join.
         if not p.enabled and not identity.allow_no_dp:
@@ -386,7 +388,7 @@ class NodeRuntime:
         if p.enabled and identity.max_delta is not None and p.delta > identity.max_delta:
             return self._refuse(reply, {}, None, f"the run asks for δ={p.delta:g}, above this "
                                 f"node's limit δ ≤ {identity.max_delta:g}")
-        if request.phase not in (PHASE_TRAIN, PHASE_CENTER):
+        if request.phase not in (PHASE_TRAIN, PHASE_CENTER, PHASE_COUNT):
             return self._refuse(reply, {}, None, f"unknown request phase {request.phase!r}")
         if center_phase and not cfg.centers_features:
             return self._refuse(reply, {}, None, "a class-statistics release was requested, but "
@@ -405,6 +407,9 @@ class NodeRuntime:
         ds = node_data.dataset
         check_trainable_size(len(ds), cfg.train.batch_size,
                              where=f"node {identity.name} ({data.path})")
+        if request.phase == PHASE_COUNT:
+            reply.metrics = {"num_examples": len(ds), "steps": 0}
+            return reply
         seed = _round_seed(secret, request.run_id, request.round)
         metrics: dict[str, float] = {}
         _protection_metrics(metrics, node_data)
@@ -420,21 +425,6 @@ class NodeRuntime:
         lpath = ledger_path(identity.state_dir, node_data.fingerprint)
         what = "releasing the class statistics" if center_phase else "training this round"
         if p.enabled:
-            if center_phase:
-                planned = list(cfg.center_prior())
-                sigma, q = p.center_noise_multiplier, 1.0
-            else:
-                # σ is calibrated around the centring release (if the run centres), so the
-                # target ε holds with it; the plan is the same whether or not this node sent
-                # one (then it just ends a little below the target).
-                plan = plan_dp_sgd(num_examples=len(ds), batch_size=cfg.train.batch_size,
-                                   local_epochs=cfg.train.local_epochs,
-                                   rounds=cfg.federation.rounds, target_epsilon=p.target_epsilon,
-                                   delta=p.delta, accountant=p.accountant,
-                                   noise_multiplier=p.noise_multiplier, project=False,
-                                   prior=cfg.center_prior())
-                planned = plan.round_history()
-                sigma, q = plan.noise_multiplier, plan.sample_rate
             try:  # sealed node state: a deleted or tampered ledger -> refuse, never reset
                 box = open_node_state(identity)
                 ledger = NodeLedger.load_or_create(lpath, node=identity.name,
@@ -443,6 +433,23 @@ class NodeRuntime:
                                                    box=box)
             except (PrivacyError, SealedError) as e:
                 return self._refuse(reply, metrics, None, str(e))
+            if center_phase:
+                planned = list(cfg.center_prior())
+                sigma, q = p.center_noise_multiplier, 1.0
+            else:
+                # σ is calibrated around this run's class-statistics release when this node's
+                # ledger has it (round 0), so the target ε holds with it. Without one (the
+                # coordinator skipped it as useless, or this node missed it) the rounds get the
+                # whole budget: the plan is the node's own, from its own ledger.
+                prior = cfg.center_prior() if ledger.has_round(request.run_id, 0) else ()
+                plan = plan_dp_sgd(num_examples=len(ds), batch_size=cfg.train.batch_size,
+                                   local_epochs=cfg.train.local_epochs,
+                                   rounds=cfg.federation.rounds, target_epsilon=p.target_epsilon,
+                                   delta=p.delta, accountant=p.accountant,
+                                   noise_multiplier=p.noise_multiplier, project=False,
+                                   prior=prior)
+                planned = plan.round_history()
+                sigma, q = plan.noise_multiplier, plan.sample_rate
             limit = identity.epsilon_limit if identity.epsilon_limit is not None \
                 else p.epsilon_limit
             reply.accountant = p.accountant

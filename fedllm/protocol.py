@@ -21,8 +21,12 @@ from fedllm.config import REDACTION_ENTITIES, RunConfig
 # divided by the node's examples, so FedAvg (or SecAgg's weighted mean) of the replies is the
 # global statistic: the feature centre and the class means that initialise the head
 # (fedllm.aggregate.estimate_class_stats).
+# "count": before the release, only the node's number of training examples (public metadata:
+# every reply and SecAgg weight carries it); no data, no ε. The coordinator skips a release the
+# counts show cannot help (fedllm.aggregate.class_stats_can_help), so nobody spends ε on it.
 PHASE_TRAIN = "train"
 PHASE_CENTER = "center"
+PHASE_COUNT = "count"
 STATS_KEY = "class_feature_stats"
 CENTER_KEY = "feature_center"  # the centre (H,) sent with every train request (server/messages)
 

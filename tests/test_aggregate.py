@@ -5,6 +5,8 @@ from fedllm.aggregate import (
     MIN_CENTER_SNR,
     MIN_COUNT_SNR,
     UpdateRejected,
+    class_stats_can_help,
+    class_stats_noise_norm,
     estimate_class_stats,
     fedavg,
     validate_update,
@@ -85,6 +87,39 @@ def _release(x: np.ndarray, y: np.ndarray, sigma: float, rng: np.random.Generato
     """fedllm.train.private_class_stats on given features (clip 1: unit rows)."""
     t = np.stack([np.append(x[y == c].sum(0), (y == c).sum()) for c in (0, 1)])
     return ((t / np.sqrt(2) + rng.normal(0, sigma, t.shape)) / len(y)).astype(np.float32)
+
+
+def test_public_counts_predict_the_noise_and_which_releases_cannot_help():
+    """Before any release the coordinator knows σ, C, H, the nodes and their examples: that
+    predicts the centre's noise exactly as the estimator reports it afterwards, and a release
+    whose noise even a centre of the largest possible norm (1) could not clear is not asked."""
+    rng = np.random.default_rng(1)
+    shape = {"classes": 2, "hidden": 384, "noise_multiplier": 4.0}
+    m = fedavg([({"s": _release(*_class_data(rng, 3000, 0.5), 4.0, rng)}, 3000.0)
+                for _ in range(3)])["s"]
+    est = estimate_class_stats(m, nodes=3, examples=9000, noise_multiplier=4.0)
+    assert class_stats_noise_norm(nodes=3, examples=9000, **shape) == pytest.approx(
+        est.expected_noise_norm) == pytest.approx(0.0302, abs=1e-4)
+    assert class_stats_can_help(nodes=3, examples=9000, **shape) and est.usable
+    # bench/scale's federation: 100 nodes × 18 examples, noise norm 0.87 > 1 / MIN_CENTER_SNR
+    assert class_stats_noise_norm(nodes=100, examples=1800, **shape) == pytest.approx(
+        0.871, abs=1e-3)
+    assert not class_stats_can_help(nodes=100, examples=1800, **shape)
+    # ... and such a release is indeed never used, even when every feature is the same unit
+    # vector (the largest centre norm there is)
+    same = np.zeros((18, 384))
+    same[:, 0] = 1.0
+    for _ in range(20):
+        rel = [({"s": _release(same, rng.integers(0, 2, 18), 4.0, rng)}, 18.0)
+               for _ in range(100)]
+        assert not estimate_class_stats(fedavg(rel)["s"], nodes=100, examples=1800,
+                                        noise_multiplier=4.0).usable
+    # the boundary: noise norm exactly 1 / MIN_CENTER_SNR still may help
+    n_edge = np.sqrt(2 * 2 * 384 * 10) * 4.0 * MIN_CENTER_SNR
+    assert class_stats_can_help(nodes=10, examples=int(np.ceil(n_edge)), **shape)
+    assert not class_stats_can_help(nodes=10, examples=int(np.floor(n_edge)), **shape)
+    with pytest.raises(ValueError, match="at least one node"):
+        class_stats_noise_norm(nodes=0, examples=10, **shape)
 
 
 def test_estimate_class_stats_knows_its_noise_and_recovers_centre_shares_and_class_means():

@@ -14,6 +14,7 @@ from fedllm.config import load_config
 from fedllm.coordinator import Coordinator, RunFailed
 from fedllm.local import LocalTransport
 from fedllm.node import simulated_state_dir
+from fedllm.privacy import plan_dp_sgd
 from fedllm.protocol import TrainReply, unpack_state
 from fedllm.store import CENTRAL_LEDGER_ID, Store
 
@@ -90,13 +91,23 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path):
         events = [e.event for e in store.audit_entries("run-x")]
     assert "run_interrupted" in events and "run_resumed" in events
     assert verify_chain(Store(b / "fedllm.db", read_only=True).audit_entries("run-x")).ok
-    # 36 examples a node at σ = 4: the centre's noise (norm ~2.5) drowns the mean; the run says
-    # so and trains uncentred, the release's ε stays in the ledgers (round 0)
+    # 36 examples a node at σ = 4: the centre's noise (norm ~2.5) would drown any mean. The
+    # public counts say so before anything is released: no node spends ε on round 0 and the
+    # rounds get the whole budget (σ planned without the release)
     fc = ib["feature_center"]
-    assert fc["used"] is False and "too noisy" in fc["reason"] and fc["nodes"] == 3
-    assert fc["head_init"] is False
-    assert any("feature centring skipped" in e["message"] for e in ib["events"])
-    assert [e["entry_round"] for e in lb if e["node_id"] == "node-0"] == [0, 1, 2, 3]
+    assert fc["used"] is False and fc["released"] is False and fc["nodes"] == 3
+    assert fc["examples"] == 108 and fc["expected_noise_norm"] == pytest.approx(
+        np.sqrt(2 * 2 * 384 * 3) * 4.0 / 108, rel=1e-5)
+    assert "could never be used" in fc["reason"] and fc["head_init"] is False
+    assert any("release not asked for" in e["message"] and "no node spent ε" in e["message"]
+               for e in ib["events"])
+    assert [e["entry_round"] for e in lb if e["node_id"] == "node-0"] == [1, 2, 3]
+    assert ib["rounds"][0]["nodes"] == []
+    plan = plan_dp_sgd(num_examples=36, batch_size=cfg.train.batch_size, local_epochs=1,
+                       rounds=3, target_epsilon=cfg.privacy.target_epsilon, delta=1e-5,
+                       accountant="prv")
+    assert [e["noise_multiplier"] for e in lb] == pytest.approx([plan.noise_multiplier] * 9)
+    assert lb[-1]["epsilon"] == pytest.approx(cfg.privacy.target_epsilon, abs=0.05)
 
 
 class Faulty(LocalTransport):
@@ -187,6 +198,8 @@ class Corrupting(LocalTransport):
 
     def train(self, requests, *, timeout, on_reply):
         out = super().train(requests, timeout=timeout, on_reply=on_reply)
+        if any(r.phase == "count" for r in requests.values()):
+            return out  # the counts before round 0 carry no update to corrupt
         for nid, kind in self.how.items():
             rep = out[nid]
             assert isinstance(rep, TrainReply)
@@ -203,8 +216,11 @@ class Corrupting(LocalTransport):
 
 
 def test_nan_wrong_shape_and_oversize_updates_are_rejected(tmp_path):
+    # σ_c = 1 (ε 16): 40 examples a node give a release that could help, so it is asked for
     cfg = tiny_config(**{"data.max_examples": 200, "federation.num_nodes": 5,
-                         "federation.rounds": 1, "federation.max_update_norm": 50.0})
+                         "federation.rounds": 1, "federation.max_update_norm": 50.0,
+                         "privacy.center_noise_multiplier": 1.0,
+                         "privacy.target_epsilon": 16.0})
     summary = run(tmp_path, cfg, Corrupting(tmp_path, 5, how={2: "nan", 3: "shape",
                                                                4: "norm"}))
     rows = {n["node_id"]: n for n in summary.rounds[1].nodes}
@@ -263,13 +279,14 @@ class Recording(CrashAt):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.centers, self.released, self.sent = {}, {}, {}
+        self.centers, self.released, self.sent, self.phases = {}, {}, {}, {}
 
     def train(self, requests, *, timeout, on_reply):
         out = super().train(requests, timeout=timeout, on_reply=on_reply)
         for nid, req in requests.items():
             self.centers.setdefault(req.round, []).append(req.feature_center)
             self.sent.setdefault(req.round, []).append(req.arrays)
+            self.phases.setdefault(req.round, []).append(req.phase)
             if req.phase == "center":
                 self.released[nid] = out[nid]
         return out
@@ -315,7 +332,10 @@ def test_class_stats_centre_and_start_the_head_and_survive_a_resume(tmp_path):
     assert fc["examples"] == sum(n for _, n in replies) and fc["norm"] == pytest.approx(
         float(np.linalg.norm(center)), abs=1e-5)
     assert audit["feature_center"]["used"] is True and audit["feature_center"]["center_sha256"]
-    assert first.centers[0] == [None] * 3  # the release itself is computed uncentred
+    # round 0: the public counts (600 examples at σ = 0.5: noise norm 0.057, it can help),
+    # then the release itself, computed uncentred
+    assert first.phases[0] == ["count"] * 3 + ["center"] * 3
+    assert first.centers[0] == [None] * 6
     for c in first.centers[1] + second.centers[2]:  # before and after the resume
         np.testing.assert_array_equal(c, center)
     round0 = info["rounds"][0]["nodes"]

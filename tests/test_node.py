@@ -85,7 +85,7 @@ def test_class_stats_release_is_a_budgeted_replayable_round_zero(runtime_and_con
     train request's centre is applied to the cached model, and None resets it."""
     from fedllm.aggregate import estimate_class_stats
     from fedllm.privacy import compute_epsilon, plan_dp_sgd
-    from fedllm.protocol import PHASE_CENTER, STATS_KEY
+    from fedllm.protocol import PHASE_CENTER, PHASE_COUNT, STATS_KEY
 
     rt, cfg, arrays = runtime_and_config
     assert cfg.centers_features  # "auto": DP seq-cls
@@ -93,6 +93,11 @@ def test_class_stats_release_is_a_budgeted_replayable_round_zero(runtime_and_con
     spec = simulated_node_data(cfg, 0)
     zeros = {STATS_KEY: np.zeros((2, 385), np.float32)}
     sigma = cfg.privacy.center_noise_multiplier
+    # Before the release the coordinator asks for the public count only: no ε, no ledger.
+    count = rt.train(TrainRequest("run-a", 0, cfg, ("0", "1"), {}, phase=PHASE_COUNT),
+                     identity=ident, data=spec)
+    assert count.ok and count.metrics == {"num_examples": 54, "steps": 0}
+    assert count.arrays == {} and count.ledger == [] and not list(tmp_path.glob("ledger-*"))
     center = TrainRequest("run-a", 0, cfg, ("0", "1"), zeros, phase=PHASE_CENTER)
     r0 = rt.train(center, identity=ident, data=spec)
     assert r0.ok and set(r0.arrays) == {STATS_KEY} and r0.arrays[STATS_KEY].shape == (2, 385)
@@ -117,6 +122,15 @@ def test_class_stats_release_is_a_budgeted_replayable_round_zero(runtime_and_con
     assert [e["round"] for e in r1.ledger] == [0, 1] and r1.metrics["epsilon"] > alone
     clf = rt.model(cfg, ("0", "1")).model.get_base_model()
     assert np.allclose(clf.feature_center.numpy(), c)
+    # a node with no release of this run in its ledger (skipped as useless, or missed) plans
+    # its rounds with the whole budget: a smaller σ
+    skipped = rt.train(TrainRequest("run-s", 1, cfg, ("0", "1"), arrays),
+                       identity=NodeIdentity("node-0", tmp_path / "s"), data=spec)
+    whole = plan_dp_sgd(num_examples=54, batch_size=30, local_epochs=1, rounds=2,
+                        target_epsilon=4.0, delta=1e-5, accountant="prv")
+    assert skipped.metrics["noise_multiplier"] == pytest.approx(whole.noise_multiplier)
+    assert whole.noise_multiplier < plan.noise_multiplier
+    assert [e["round"] for e in skipped.ledger] == [1]
     # the wire state stays uncentred: the reply loads into an uncentred model unchanged
     rt.train(request(cfg, arrays, 1, run_id="run-z"), identity=NodeIdentity("z", tmp_path / "z"),
              data=spec)

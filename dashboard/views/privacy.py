@@ -104,6 +104,10 @@ def _feature_center(run: dict[str, Any]) -> None:
                    f" centre from {fc['nodes']} node(s), {fc['examples']:,} examples, norm "
                    f"{fmt(fc['norm'])}, expected noise norm {fmt(fc['expected_noise_norm'])}; "
                    f"{head}.")
+    elif fc.get("released") is False:
+        st.warning(f"Round 0: the nodes' DP class statistics (σ = {fmt(sigma)}) were not asked "
+                   f"for: {fc.get('reason')}. No node spent ε on them; the head trained on "
+                   "uncentred features from a random start.", icon=":material/warning:")
     else:
         st.warning(f"Round 0: the nodes' DP class statistics (σ = {fmt(sigma)}, in their ε) "
                    f"were not used: {fc.get('reason')}. The head trained on uncentred features"

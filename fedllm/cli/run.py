@@ -107,7 +107,8 @@ def print_stored_summary(console: Console, run: dict[str, Any], db_path: str | P
             f"{fc['norm']:.3f}, expected noise norm {fc['expected_noise_norm']:.3f}); head "
             + ("started from the class means" if fc.get("head_init") else
                f"[yellow]started random[/] ({fc.get('head_reason')})")
-            if fc.get("used") else f"feature centre: [yellow]skipped[/] ({fc.get('reason')})")
+            if fc.get("used") else f"feature centre: [yellow]skipped[/] ({fc.get('reason')})"
+            + ("; not released, no node spent ε on it" if fc.get("released") is False else ""))
     console.print(f"adapter:   {run.get('adapter_path')}")
     console.print(f"run store: {db_path}")
     if audit_head:
@@ -231,12 +232,13 @@ def run(
 
     try:  # fail fast, before any process starts or anything is written to the store
         check_center_budget(cfg)
-        sizes = check_simulation_data(cfg, resolve_label_names(cfg))
+        labels = resolve_label_names(cfg)
+        sizes = check_simulation_data(cfg, labels)
     except USER_ERRORS as e:
         raise err(str(e)) from None
     console.print("examples per node: " + ", ".join(map(str, sizes)))
     if dry_run:
-        print_plan(console, cfg, sizes, as_json=as_json)
+        print_plan(console, cfg, sizes, as_json=as_json, classes=len(labels))
         return
     _simulate_and_report(cfg, console, home_dir, run_id, resume=False, verbose=verbose,
                          as_json=as_json)
@@ -318,12 +320,24 @@ def _setup_logging(verbose: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
-def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: bool) -> None:
-    """The privacy plan of a run before anything trains: per node σ, q, steps, projected ε."""
+def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: bool,
+               classes: int) -> None:
+    """The privacy plan of a run before anything trains: per node σ, q, steps, projected ε.
+    The round-0 class-statistics release is in it when the coordinator will ask for it: not
+    when these node sizes show it could never be used (the same rule, from the same counts)."""
+    from fedllm.aggregate import class_stats_can_help
+    from fedllm.model import hidden_size
     from fedllm.privacy import compute_epsilon, plan_central_dp, plan_dp_sgd
 
     p, t, fed = cfg.privacy, cfg.train, cfg.federation
     plan: dict[str, Any] = {"rounds": fed.rounds, "dp_enabled": p.enabled, "nodes": []}
+    prior = cfg.center_prior()
+    if prior and sizes:
+        asked = class_stats_can_help(nodes=len(sizes), examples=sum(sizes), classes=classes,
+                                     hidden=hidden_size(cfg.model.path),
+                                     noise_multiplier=p.center_noise_multiplier)
+        if not asked:
+            prior = ()
     if p.enabled:
         plan.update(target_epsilon=p.target_epsilon, delta=p.delta, accountant=p.accountant,
                     epsilon_limit=p.epsilon_limit, max_grad_norm=p.max_grad_norm,
@@ -335,7 +349,7 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
                              local_epochs=t.local_epochs, rounds=fed.rounds,
                              target_epsilon=p.target_epsilon, delta=p.delta,
                              accountant=p.accountant, noise_multiplier=p.noise_multiplier,
-                             prior=cfg.center_prior())
+                             prior=prior)
             plan["nodes"].append({
                 "node": f"node-{i}", "examples": n, "sample_rate": dp.sample_rate,
                 "expected_batch": round(dp.sample_rate * n, 1),
@@ -343,11 +357,12 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
                 "calibrated": dp.calibrated, "projected_epsilon": list(dp.projected_epsilon)})
     if cfg.centers_features:
         # Round 0: one Gaussian release of each node's class statistics (per-class feature sums
-        # and counts), in its ε (and in σ above).
+        # and counts), in its ε (and in σ above) when it is asked for.
         plan["feature_center"] = {
             "noise_multiplier": p.center_noise_multiplier, "sample_rate": 1.0, "steps": 1,
             "epsilon": compute_epsilon(list(cfg.center_prior()), delta=p.delta,
-                                       accountant=p.accountant)}
+                                       accountant=p.accountant),
+            "asked": bool(prior)}
     if cfg.central_dp.enabled:
         c = cfg.central_dp
         cp = plan_central_dp(num_nodes=fed.num_nodes, nodes_per_round=fed.sampled_per_round,
@@ -382,9 +397,16 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
         console.print(tab)
         if "feature_center" in plan:
             fc = plan["feature_center"]
-            console.print(f"before round 1 each node releases DP class statistics of its "
-                          f"features to centre and start the head (σ={fc['noise_multiplier']:g},"
-                          f" alone ε={fc['epsilon']:.3f}; composed into the ε above)")
+            if fc["asked"]:
+                console.print(f"before round 1 each node releases DP class statistics of its "
+                              f"features to centre and start the head (σ="
+                              f"{fc['noise_multiplier']:g}, alone ε={fc['epsilon']:.3f}; "
+                              "composed into the ε above)")
+            else:
+                console.print(f"[yellow]no class-statistics release[/]: at σ="
+                              f"{fc['noise_multiplier']:g} these {sum(sizes)} examples on "
+                              f"{len(sizes)} node(s) could never give a usable centre, so the "
+                              "coordinator will not ask for it (the ε above has none)")
     if "central_dp" in plan:
         c = plan["central_dp"]
         console.print(f"central DP (node-level): q={c['sample_rate']:.3f}, clip={c['clip_norm']:g}"

@@ -88,10 +88,12 @@ def test_privacy_page(tiny_run: dict, open_page: Open) -> None:
     assert not at.error  # DP was on
     assert len(at.warning) == 2
     assert "No secure aggregation." in at.warning[0].value
-    # the tiny run's nodes are too small for the feature centre: the page says it went unused
+    # the tiny run's nodes are too small for the feature centre: their public counts showed
+    # it before anything was released, and the page says no node spent ε on it
     assert status["feature_center"]["used"] is False
-    assert "class statistics (σ = 4.0000, in their ε) were not used: too noisy" \
-        in at.warning[1].value
+    assert status["feature_center"]["released"] is False
+    assert "class statistics (σ = 4.0000) were not asked for: the nodes' public counts" \
+        in at.warning[1].value and "No node spent ε on them" in at.warning[1].value
     table = _frame_with(at, "ε spent (last recorded)").set_index("Node")
     last = _last_eps(status)
     assert sorted(table.index) == sorted(last) and len(last) == status["num_nodes"]
@@ -111,8 +113,8 @@ def test_privacy_page(tiny_run: dict, open_page: Open) -> None:
     assert m["Max ε spent (any node)"] == f"{max(last.values()):.3f}"
     assert len(at.get("vega_lite_chart")) == 1
     ledger = _frame_with(at, "entry_round")
-    assert len(ledger) == 3 * (status["num_rounds"] + 1)  # + the round-0 centre release
-    assert sorted(set(ledger["entry_round"])) == list(range(status["num_rounds"] + 1))
+    assert len(ledger) == 3 * status["num_rounds"]  # no round-0 release
+    assert sorted(set(ledger["entry_round"])) == list(range(1, status["num_rounds"] + 1))
     assert max(ledger["epsilon"]) == pytest.approx(max(last.values()))
 
 

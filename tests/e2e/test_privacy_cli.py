@@ -15,10 +15,10 @@ def test_privacy_ledger_verifies_against_dp_accounting(tiny_run):
     rep = json.loads(proc.stdout)
     assert sorted(rep["nodes"]) == ["node-0", "node-1", "node-2"]
     for node in rep["nodes"].values():
-        # round 0: the class-statistics release (one Gaussian step on all the data)
-        assert [e["round"] for e in node["entries"]] == [0, 1, 2]
-        first = node["entries"][0]
-        assert (first["noise_multiplier"], first["sample_rate"], first["steps"]) == (4.0, 1.0, 1)
+        # no round 0: the tiny nodes' public counts showed the class-statistics release could
+        # never be used, so it was not asked for (the q = 1 release's ε against the analytic
+        # Gaussian mechanism is pinned in tests/test_privacy.py)
+        assert [e["round"] for e in node["entries"]] == [1, 2]
         for e in node["entries"]:
             assert e["accountant"] == "prv" and e["delta"] == 1e-5 and e["steps"] > 0
             assert abs(e["epsilon"] - e["epsilon_dp_accounting"]) <= 0.02 * e["epsilon"]
@@ -62,10 +62,20 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
         eps = n["projected_epsilon"]
         assert len(eps) == 2 and eps[0] < eps[1] <= 8.0 and n["calibrated"]
         assert eps[1] > 7.5  # calibrated for the whole run, not per round
-    # the round-0 class-statistics release is in the plan, and in the projected ε above
+    # the tiny nodes are too small for the round-0 class-statistics release at σ = 4: the plan
+    # says it will not be asked for, and the projected ε has none of it
     fc = plan["feature_center"]
     assert (fc["noise_multiplier"], fc["sample_rate"], fc["steps"]) == (4.0, 1.0, 1)
-    assert abs(fc["epsilon"] - 0.928) < 2e-3
+    assert abs(fc["epsilon"] - 0.928) < 2e-3 and fc["asked"] is False
+    # at σ = 1 it could help: it is in the plan, and in the projected ε (σ leaves room for it)
+    proc = run_cli(["run", *TINY_RUN_ARGS, "--dry-run", "--json", "-s",
+                    "privacy.center_noise_multiplier=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    planned = json.loads(proc.stdout)
+    assert planned["feature_center"]["asked"] is True
+    for n, m in zip(plan["nodes"], planned["nodes"], strict=True):
+        assert m["noise_multiplier"] > n["noise_multiplier"]
+        assert m["projected_epsilon"][0] > planned["feature_center"]["epsilon"] > 4.0
     assert not (tmp_path / "fedllm.db").exists()
     # a release that alone would spend the budget is refused before anything starts
     bad = run_cli(["run", *TINY_RUN_ARGS, "--dry-run", "-s", "privacy.center_noise_multiplier=0.3"],
