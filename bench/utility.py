@@ -124,6 +124,18 @@ def _center_and_init(lm: Any, rel: list, *, sigma: float, a: argparse.Namespace,
     return out
 
 
+def _take(ds: Any, idx: np.ndarray) -> Any:
+    from fedllm.data import TokenizedDataset
+
+    return TokenizedDataset([ds.input_ids[int(j)] for j in idx], ds.labels[idx])
+
+
+def _shares(n: int, fraction: float, *, seed: int) -> list[np.ndarray]:
+    """A node's examples in a seeded random order, cut into round(1 / fraction) equal shares."""
+    k = max(1, round(1.0 / fraction))
+    return np.array_split(np.random.default_rng(seed).permutation(n), k)
+
+
 def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | None,
                 federated: bool, a: argparse.Namespace, seed: int) -> dict[str, Any]:
     """Train from the same initial adapter; returns dev metrics, ε and timing."""
@@ -176,10 +188,15 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                                   target_epsilon=eps, delta=DELTA, accountant="prv",
                                   project=False, prior=tuple(h)).noise_multiplier
                       for ds, h in zip(nodes, histories, strict=True)]
+        if a.local_fraction != 1.0 and (eps is not None or not 0 < a.local_fraction < 1):
+            raise SystemExit("--local-fraction is for non-private federated settings, in (0, 1)")
+        shares = [_shares(len(ds), a.local_fraction, seed=seed + i) for i, ds in enumerate(nodes)]
         for rnd in range(a.rounds):
             global_state = lm.adapter_state()
             updates = []
-            for i, ds in enumerate(nodes):
+            for i, full in enumerate(nodes):
+                # The round's share of the node's data (all of it unless --local-fraction).
+                ds = full if len(shares[i]) == 1 else _take(full, shares[i][rnd % len(shares[i])])
                 lm.load_adapter_state(global_state)
                 dp = None if eps is None else DPParams(
                     noise_multiplier=sigmas[i], max_grad_norm=a.max_grad_norm,
@@ -189,7 +206,7 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                                 dp=dp, seed=seed + 1000 * rnd + i, optimizer=opt,
                                 head_learning_rate=head_lr)
                 histories[i].extend(r.history)
-                updates.append((lm.adapter_state(), float(len(ds))))
+                updates.append((lm.adapter_state(), float(len(full))))
             lm.load_adapter_state(fedavg(updates))
         out["noise_multipliers"] = [round(s, 4) for s in sigmas]
         if eps is not None:
@@ -210,6 +227,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--examples-per-node", type=int, help="0 = the whole train split")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-epochs", type=int, default=1)
+    ap.add_argument("--local-fraction", type=float, default=1.0,
+                    help="non-private federated only: each round a node trains one epoch on "
+                         "this share of its data, the next share the next round (rounds x "
+                         "fraction = epochs of compute: e.g. --rounds 6 --local-fraction 0.5 is "
+                         "the compute of 3 rounds of 1 epoch)")
     ap.add_argument("--batch-size", type=int, default=64, help="non-private logical batch")
     ap.add_argument("--dp-batch-size", default="8:512,3:1024,1:1536",
                     help="DP logical batch (expected; Poisson rate q = B / N_node), once or per "
