@@ -90,6 +90,7 @@ class _Observer:
     def __init__(self, sampler: _Sampler) -> None:
         self.sampler = sampler
         self.rounds: list[dict] = []
+        self.round0: dict = {}
         self._t0 = time.perf_counter()
 
     def round_started(self, rnd: int, num_nodes: int) -> None:
@@ -101,7 +102,9 @@ class _Observer:
 
     def round_finished(self, report: RoundReport) -> None:
         total, child = self.sampler.take()
-        if report.round == 0:
+        if report.round == 0:  # the public counts (and the class-statistics release, if asked)
+            self.round0 = {"seconds": round(time.perf_counter() - self._t0, 2),
+                           "released_by": len(report.nodes), "rss_mb": round(total, 1)}
             return
         ok = sum(1 for n in report.nodes if n.get("status") == "ok")
         self.rounds.append({"round": report.round, "seconds": time.perf_counter() - self._t0,
@@ -144,6 +147,11 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedllm-bench-scale-") as home:
         summary = simulate(cfg, home=Path(home), run_id="bench-scale", observer=observer)
+        from fedllm.store import Store, default_db_path
+
+        with Store(default_db_path(Path(home)), read_only=True) as store:
+            center = store.get_run("bench-scale").get("feature_center") or {}
+            ledger = store.ledger("bench-scale")
     total_seconds = time.perf_counter() - t0
     sampler.stop()
     rss = [round(r["rss_mb"], 1) for r in observer.rounds]
@@ -165,6 +173,12 @@ def main(argv: list[str] | None = None) -> dict:
         "rss_growth_after_round3_mb": growth,
         "accuracy_per_round": [r["accuracy"] for r in observer.rounds],
         "total_seconds": round(total_seconds, 1),
+        # Round 0: is the class-statistics release asked for, and what do nodes spend on it?
+        "round0": observer.round0 | {
+            "released": center.get("released"), "centre_used": center.get("used"),
+            "expected_noise_norm": center.get("expected_noise_norm"),
+            "ledger_entries_round0": sum(1 for e in ledger if e["entry_round"] == 0)},
+        "max_node_epsilon": max((e["epsilon"] for e in ledger), default=None),
     }
     return finish("scale", result, out_dir=Path(args.results_dir) if args.results_dir else None)
 
