@@ -472,6 +472,14 @@ class NodeRuntime:
                 reply.metrics["replayed"] = 1
                 reply.ledger = [asdict(e) for e in ledger.entries]
                 return reply
+            if request.phase == PHASE_CENTER and any(
+                    e.run_id == request.run_id and e.round > 0 for e in ledger.entries):
+                # This node planned its rounds' σ without the release (its ledger had none):
+                # releasing it now would take the run past its target ε.
+                return self._refuse(reply, metrics, ledger,
+                                    f"a class-statistics release for run {request.run_id} "
+                                    "after this node trained rounds of it: round 0 comes "
+                                    "before training")
             projected = ledger.epsilon(extra=planned)
             if projected > limit:
                 return self._refuse(reply, metrics, ledger,

@@ -131,6 +131,11 @@ def test_class_stats_release_is_a_budgeted_replayable_round_zero(runtime_and_con
     assert skipped.metrics["noise_multiplier"] == pytest.approx(whole.noise_multiplier)
     assert whole.noise_multiplier < plan.noise_multiplier
     assert [e["round"] for e in skipped.ledger] == [1]
+    # ... and it never releases round 0 after training: its σ left no room for it
+    late = rt.train(TrainRequest("run-s", 0, cfg, ("0", "1"), zeros, phase=PHASE_CENTER),
+                    identity=NodeIdentity("node-0", tmp_path / "s"), data=spec)
+    assert late.status == "refused" and "round 0 comes before training" in late.reason
+    assert [e["round"] for e in late.ledger] == [1]
     # the wire state stays uncentred: the reply loads into an uncentred model unchanged
     rt.train(request(cfg, arrays, 1, run_id="run-z"), identity=NodeIdentity("z", tmp_path / "z"),
              data=spec)
