@@ -221,7 +221,11 @@ def estimate_class_stats(mean: np.ndarray, *, nodes: int, examples: int,
     shares = np.sqrt(2.0) * m[:, hidden] / clip_norm  # (C,) ≈ n_c / N
     share_std = np.sqrt(var) / clip_norm
     center = sums.sum(axis=0) / max(float(shares.sum()), 1e-12)  # (H,)
-    noise_sq = classes * hidden * var  # E‖Σ_c noise_c‖², p.sum() ≈ 1 (class_stats_noise_norm²)
+    # E‖Σ_c noise_c‖² = C H var (p.sum() ≈ 1): the same prediction the coordinator makes from
+    # public counts before asking for the release, so the two judgements cannot drift apart.
+    noise_sq = class_stats_noise_norm(nodes=nodes, examples=examples, classes=classes,
+                                      hidden=hidden, noise_multiplier=noise_multiplier,
+                                      clip_norm=clip_norm) ** 2
     signal_sq = max(float(np.sum(center ** 2)) - noise_sq, 0.0)
     count_snr = float(shares.min() / share_std) if share_std > 0 else (
         float("inf") if shares.min() > 0 else 0.0)  # σ = 0: exact statistics
