@@ -332,7 +332,11 @@ def hidden_size(path: str | None) -> int:
     """The hidden size of the model at ``path`` (None: the default), from its config alone."""
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(resolve_model_path(path)).hidden_size)
+    base_path = resolve_model_path(path)
+    try:
+        return int(AutoConfig.from_pretrained(base_path).hidden_size)
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelError(f"cannot read the hidden size from {base_path}: {e}") from None
 
 
 def feature_dim(loaded: LoadedModel) -> int:
