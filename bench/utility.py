@@ -233,9 +233,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "fraction = epochs of compute: e.g. --rounds 6 --local-fraction 0.5 is "
                          "the compute of 3 rounds of 1 epoch)")
     ap.add_argument("--batch-size", type=int, default=32,
-                    help="non-private logical batch (session 11, --quick, seeds 0-2: 32 instead of 64 "
-                         "took federated from 0.825 to 0.839 and centralised from 0.850 to 0.847: "
-                         "FedAvg gains from more local steps, pooled data does not)")
+                    help="non-private logical batch (session 11, --quick, seeds 0-2: 32 "
+                         "instead of 64 took federated from 0.825 to 0.839 and centralised "
+                         "from 0.850 to 0.847: FedAvg gains from more local steps, pooled data "
+                         "does not)")
     ap.add_argument("--dp-batch-size", default="8:512,3:1024,1:1536",
                     help="DP logical batch (expected; Poisson rate q = B / N_node), once or per "
                          "ε. Default: the best of 256 / 512 / 1,024 at ε = 8 and of 512 / 1,024 / "

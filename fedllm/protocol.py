@@ -27,7 +27,10 @@ from fedllm.config import REDACTION_ENTITIES, RunConfig
 PHASE_TRAIN = "train"
 PHASE_CENTER = "center"
 PHASE_COUNT = "count"
-STATS_KEY = "class_feature_stats"
+# Versioned: v2 splits the release's sensitivity unevenly (fedllm.aggregate.
+# class_stats_weights); a peer still on the even split sends or expects the old key and fails
+# loudly instead of misreading the statistics.
+STATS_KEY = "class_feature_stats_v2"
 CENTER_KEY = "feature_center"  # the centre (H,) sent with every train request (server/messages)
 
 STATUS_OK = "ok"

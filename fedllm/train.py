@@ -30,6 +30,7 @@ from opacus.optimizers.optimizer import (
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedllm.aggregate import class_stats_weights
 from fedllm.data import Collator, TokenizedDataset
 from fedllm.model import HEAD_MODULE, LoadedModel, SequenceClassifier
 
@@ -175,8 +176,9 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 class ClassStats:
     """A node's differentially private per-class feature statistics (a Gaussian mechanism)."""
 
-    # (C, H + 1) float32: row c = (Σ_{i: y_i = c} [x_i, C_clip] / √2 + noise row c) / n, with
-    # x_i the clipped pooled features; column H carries the class count (times C_clip / √2).
+    # (C, H + 1) float32: row c = (Σ_{i: y_i = c} [a x_i, b C_clip] + noise row c) / n, with
+    # x_i the clipped pooled features and (a, b) = fedllm.aggregate.class_stats_weights();
+    # column H carries the class count (times b C_clip).
     stats: np.ndarray
     num_examples: int
     noise_multiplier: float
@@ -194,12 +196,14 @@ def private_class_stats(loaded: LoadedModel, dataset: TokenizedDataset, *,
     """Per-class sums and counts of the head's input features over ``dataset``, released
     together with the Gaussian mechanism (one release, one ledger entry).
 
-    Each example contributes the vector v_i = [x_i, C] / √2 to the row of its label, where x_i
+    Each example contributes the vector v_i = [a x_i, b C] to the row of its label, where x_i
     is its pooled feature vector clipped to norm C = ``clip_norm`` (mean-norm pooling gives unit
-    vectors, never clipped), so ‖v_i‖ ≤ C: adding or removing one example changes the (C, H+1)
-    sum by at most C in Frobenius norm. The sum gets N(0, (σ C)²) noise per coordinate and is
-    divided by the (public) number of examples. Under add/remove adjacency that is a DP-SGD step
-    with q = 1 and noise multiplier σ, and is accounted as one (ClassStats.history).
+    vectors, never clipped) and a² + b² = 1 (fedllm.aggregate.class_stats_weights: most of the
+    sensitivity to the sums, which give the head's direction), so ‖v_i‖ ≤ C: adding or
+    removing one example changes the (C, H+1) sum by at most C in Frobenius norm. The sum gets
+    N(0, (σ C)²) noise per coordinate and is divided by the (public) number of examples. Under
+    add/remove adjacency that is a DP-SGD step with q = 1 and noise multiplier σ, and is
+    accounted as one (ClassStats.history).
 
     From the nodes' releases the coordinator derives the feature centre (the mean of all
     features) and the class means, which initialise the head (fedllm.aggregate.
@@ -247,7 +251,10 @@ def private_class_stats(loaded: LoadedModel, dataset: TokenizedDataset, *,
     generator = torch.Generator().manual_seed(seed)
     noise = torch.normal(0.0, noise_multiplier * clip_norm, size=total.shape,
                          generator=generator, dtype=torch.float64)
-    stats = ((total / np.sqrt(2.0) + noise) / len(dataset)).numpy().astype(np.float32)
+    a, b = class_stats_weights()
+    weights = torch.full((hidden + 1,), a, dtype=torch.float64)
+    weights[hidden] = b
+    stats = ((total * weights + noise) / len(dataset)).numpy().astype(np.float32)
     return ClassStats(stats, len(dataset), float(noise_multiplier), float(clip_norm))
 
 

@@ -91,13 +91,13 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path):
         events = [e.event for e in store.audit_entries("run-x")]
     assert "run_interrupted" in events and "run_resumed" in events
     assert verify_chain(Store(b / "fedllm.db", read_only=True).audit_entries("run-x")).ok
-    # 36 examples a node at σ = 4: the centre's noise (norm ~2.5) would drown any mean. The
+    # 36 examples a node at σ = 4: the centre's noise (norm ~1.9) would drown any mean. The
     # public counts say so before anything is released: no node spends ε on round 0 and the
     # rounds get the whole budget (σ planned without the release)
     fc = ib["feature_center"]
     assert fc["used"] is False and fc["released"] is False and fc["nodes"] == 3
     assert fc["examples"] == 108 and fc["expected_noise_norm"] == pytest.approx(
-        np.sqrt(2 * 2 * 384 * 3) * 4.0 / 108, rel=1e-5)
+        np.sqrt(2 * 384 * 3) * 4.0 / (np.sqrt(0.9) * 108), rel=1e-5)
     assert "could never be used" in fc["reason"] and fc["head_init"] is False
     assert any("release not asked for" in e["message"] and "no node spent ε" in e["message"]
                for e in ib["events"])
