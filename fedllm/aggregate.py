@@ -248,8 +248,9 @@ def estimate_class_stats(mean: np.ndarray, *, nodes: int, examples: int,
         shares = shares + (1.0 - float(shares.sum())) / classes
         share_std *= np.sqrt(1.0 - 1.0 / classes)
     center = sums.sum(axis=0)  # (H,)
-    # E‖Σ_c noise_c‖² = C H var (p.sum() ≈ 1): the same prediction the coordinator makes from
-    # public counts before asking for the release, so the two judgements cannot drift apart.
+    # E‖Σ_c noise_c‖² = C H var (the centre is Σ_c A_c): the same prediction the coordinator
+    # makes from public counts before asking for the release, so the two judgements cannot
+    # drift apart.
     noise_sq = class_stats_noise_norm(nodes=nodes, examples=examples, classes=classes,
                                       hidden=hidden, noise_multiplier=noise_multiplier,
                                       clip_norm=clip_norm) ** 2
