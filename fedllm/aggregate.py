@@ -111,9 +111,9 @@ def central_dp_average(updates: Sequence[Arrays], reference: Arrays, *, expected
 # sensitivity: example i adds [a x_i, b C] to its class's row, a² + b² = 1, b² this share. A
 # class count of thousands needs little of it (noise σ/b ≈ 13 at σ = 4, b² = 0.1), the sums,
 # H = 384 coordinates whose class means give the head's direction, need the rest. An even split
-# (b² = 0.5) wasted it: on exact SST-2 --quick features, 60 simulated releases per seed at σ = 4,
-# the nearest-class-mean start scored 0.7775 at b² = 0.5, 0.7790 at 0.2, 0.7794 at 0.1 and 0.05,
-# 0.7791 at 0.01 (exact statistics: 0.7817).
+# (b² = 0.5) wasted it: on exact SST-2 --quick features, 60 simulated releases per seed at σ = 4
+# through estimate_class_stats, the nearest-class-mean start scored 0.7777 at b² = 0.5, 0.7794
+# at 0.2 and 0.1, 0.7795 at 0.05 (exact statistics: 0.7817; README "Performance").
 CLASS_STATS_COUNT_SHARE = 0.1
 
 
@@ -150,7 +150,7 @@ class ClassStatsEstimate:
 
     center: np.ndarray  # (H,) float32: Σ_c A_c / Σ_c p_c, the mean feature vector
     class_means: np.ndarray  # (C, H) float64: A_c / p_c
-    shares: np.ndarray  # (C,) float64: p_c, noisy class shares (sum ≈ 1)
+    shares: np.ndarray  # (C,) float64: p_c, noisy class shares (projected to sum 1 when σ > 0)
     nodes: int  # nodes whose release went into it
     examples: int  # N = Σ_i n_i
     expected_noise_norm: float  # of the centre: sqrt(C H nodes) σ C_clip / (a N)
@@ -214,7 +214,7 @@ def class_stats_can_help(*, nodes: int, examples: int, classes: int, hidden: int
     """Whether the releases could give a usable centre at all: the centre is a mean of vectors
     of norm ≤ C_clip, so its signal is at most C_clip, and it is used only at MIN_CENTER_SNR
     times its expected noise. False = the release would spend the nodes' ε for certain
-    nothing (many small nodes, e.g. 100 nodes × 18 examples at σ = 4: noise norm 0.87)."""
+    nothing (many small nodes, e.g. 100 nodes × 18 examples at σ = 4: noise norm 0.65)."""
     return MIN_CENTER_SNR * class_stats_noise_norm(
         nodes=nodes, examples=examples, classes=classes, hidden=hidden,
         noise_multiplier=noise_multiplier, clip_norm=clip_norm) <= clip_norm
