@@ -149,7 +149,9 @@ class TrainConfig(_Frozen):
     batch_size: int = Field(256, ge=1)
     # Physical batch size: memory bound only, no effect on privacy or on the maths.
     physical_batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(1e-2, gt=0, le=10)
+    # LoRA's learning rate. 0 freezes LoRA: the head alone is trained (a DP linear probe of the
+    # frozen encoder; no backward pass through it), see fedllm.train._frozen_at_rate_zero.
+    learning_rate: float = Field(1e-2, ge=0, le=10)
     weight_decay: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Opacus per-sample clipping: "hooks" (per-sample gradients), "ghost" (ghost clipping: no
@@ -168,7 +170,8 @@ class TrainConfig(_Frozen):
     # both (1e-3 / 0.03) and raise batch_size to a third to a half of a node's examples
     # (README "Performance": 0.57 -> 0.78 at ε = 1 on the benchmark split's seed 0). On
     # label-skewed nodes at ε = 8 and 3, LoRA at 1e-3 cost ~4 points against 1e-4 (= frozen).
-    head_learning_rate: float | None = Field(0.1, gt=0)
+    # 0 freezes the head (LoRA alone is trained).
+    head_learning_rate: float | None = Field(0.1, ge=0)
     # Centre the head's input with the mean of the nodes' pooled features, from a DP release of
     # per-class feature sums and counts once before round 1 (seq-cls): without it, a few
     # large-batch AdamW steps on label-skewed nodes move the head along the features' common
@@ -181,6 +184,14 @@ class TrainConfig(_Frozen):
     # from a small random head ("random"). Free (post-processing). On the benchmark's
     # label-skewed split at ε = 1 it is worth ~3 points (README "Performance").
     head_init: Literal["class-means", "random"] = "class-means"
+
+    @model_validator(mode="after")
+    def _something_to_train(self) -> TrainConfig:
+        head = self.learning_rate if self.head_learning_rate is None else self.head_learning_rate
+        if self.learning_rate == 0 and head == 0:
+            raise ValueError("train.learning_rate and train.head_learning_rate are both 0: "
+                             "nothing would be trained")
+        return self
 
 
 class PrivacyConfig(_Frozen):
@@ -347,6 +358,13 @@ class RunConfig(_Frozen):
         if self.grouped_clipping and self.train.clipping == "ghost":
             raise ValueError("privacy.clip_groups='head-lora' needs per-sample gradients: "
                              "train.clipping 'auto' or 'hooks', not 'ghost'")
+        if self.model.task != "seq-cls" and self.train.learning_rate == 0:
+            raise ValueError("train.learning_rate = 0 freezes LoRA, and a "
+                             f"{self.model.task!r} model has no head to train instead")
+        if self.grouped_clipping and 0 in (self.train.learning_rate,
+                                           self.train.head_learning_rate):
+            raise ValueError("privacy.clip_groups='head-lora' clips the head and LoRA "
+                             "separately; with one of them frozen (learning rate 0) use 'flat'")
         if self.train.center_features == "on":
             why = ("privacy.enabled is false (the centre is a DP release)"
                    if not self.privacy.enabled else

@@ -154,8 +154,9 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
         raise ValueError("calibration needs a positive number of steps")
     if prior:
         return _calibrate_after(target_epsilon, delta, sample_rate, steps, accountant, prior)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        # q = 1 (full-batch steps): PRV's harmless log(1 - q), as in _epsilon_cached.
         return float(get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
             steps=steps, accountant=accountant, epsilon_tolerance=0.01,

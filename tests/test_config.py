@@ -148,3 +148,18 @@ def test_grouped_clipping_is_opt_in_for_heads_and_needs_per_sample_gradients():
                 {"privacy.clip_groups": "per-layer"}):
         with pytest.raises(ConfigError, match="lora_|clip_groups"):
             load_config(None, bad)
+
+
+def test_a_learning_rate_of_zero_freezes_its_part_but_something_must_train():
+    assert load_config(None, {"train.learning_rate": 0}).train.learning_rate == 0
+    assert load_config(None, {"train.head_learning_rate": 0}).train.head_learning_rate == 0
+    with pytest.raises(ConfigError, match="nothing would be trained"):
+        load_config(None, {"train.learning_rate": 0, "train.head_learning_rate": 0})
+    with pytest.raises(ConfigError, match="nothing would be trained"):
+        load_config(None, {"train.learning_rate": 0, "train.head_learning_rate": None})
+    with pytest.raises(ConfigError, match="no head to train"):
+        load_config(None, {"train.learning_rate": 0, "model.task": "causal-lm"})
+    with pytest.raises(ConfigError, match="use 'flat'"):
+        load_config(None, {"train.learning_rate": 0, "privacy.clip_groups": "head-lora"})
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(None, {"train.learning_rate": -1e-3})

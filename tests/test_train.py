@@ -399,3 +399,38 @@ def test_private_class_stats_are_clipped_class_sums_and_counts_plus_calibrated_n
     with pytest.raises(ValueError, match="labelled"):
         private_class_stats(lm, type(ds)(ds.input_ids, None), noise_multiplier=1.0, seed=0)
     lm.model.eval()
+
+
+def test_rate_zero_freezes_lora_and_dp_trains_the_head_alone(setup):
+    """learning_rate = 0: LoRA is frozen for the round (no per-sample gradient, no share of the
+    clip norm), the head alone is trained, and LoRA is trainable again afterwards. Without
+    noise and with a clip norm no example reaches, a full-batch (q = 1) DP step of the head
+    equals the non-private step: the per-sample path computes the head's gradient and nothing
+    of LoRA's enters it."""
+    lm, ds = setup
+    before = lm.adapter_state()
+    lora = [p for n, p in lm.model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora
+    kw = dict(epochs=1, batch_size=len(ds), physical_batch_size=48, learning_rate=0.0,
+              head_learning_rate=0.05, seed=5)
+    r = train_local(lm, ds, dp=DPParams(noise_multiplier=0.0, max_grad_norm=1e6), **kw)
+    dp_after = lm.adapter_state()
+    assert r.steps == 1 and r.history == [(0.0, 1.0, 1)] and r.samples == len(ds)
+    assert all(p.requires_grad for p in lora)
+    assert not any(hasattr(p, "grad_sample") for p in lm.model.parameters())
+    head = [k for k in before if "head" in k]
+    assert head and all(not np.allclose(before[k], dp_after[k]) for k in head)
+    assert all(np.array_equal(before[k], dp_after[k]) for k in before if k not in head)
+    lm.load_adapter_state(before)
+    train_local(lm, ds, dp=None, **kw)
+    plain_after = lm.adapter_state()
+    lm.load_adapter_state(before)
+    for k in before:
+        np.testing.assert_allclose(dp_after[k], plain_after[k], rtol=1e-4, atol=1e-6)
+    # Both parts at rate 0: nothing to train, and nothing left frozen by the refusal.
+    with pytest.raises(ValueError, match="nothing to train"):
+        train_local(lm, ds, dp=DPParams(1.0, 1.0), **(kw | {"head_learning_rate": 0.0}))
+    with pytest.raises(ValueError, match="flat clipping"):
+        train_local(lm, ds, dp=DPParams(1.0, 1.0, lora_max_grad_norm=0.1), **kw)
+    assert all(p.requires_grad for p in lora)
+    assert lm.adapter_state().keys() == before.keys()
