@@ -151,8 +151,12 @@ def test_grouped_clipping_is_opt_in_for_heads_and_needs_per_sample_gradients():
 
 
 def test_a_learning_rate_of_zero_freezes_its_part_but_something_must_train():
-    assert load_config(None, {"train.learning_rate": 0}).train.learning_rate == 0
-    assert load_config(None, {"train.head_learning_rate": 0}).train.head_learning_rate == 0
+    assert load_config(None, {}).train.trained_parts("seq-cls") == ("lora", "head")
+    assert load_config(None, {}).train.trained_parts("causal-lm") == ("lora",)
+    head_only = load_config(None, {"train.learning_rate": 0}).train
+    assert head_only.learning_rate == 0 and head_only.trained_parts("seq-cls") == ("head",)
+    lora_only = load_config(None, {"train.head_learning_rate": 0}).train
+    assert lora_only.head_learning_rate == 0 and lora_only.trained_parts("seq-cls") == ("lora",)
     with pytest.raises(ConfigError, match="nothing would be trained"):
         load_config(None, {"train.learning_rate": 0, "train.head_learning_rate": 0})
     with pytest.raises(ConfigError, match="nothing would be trained"):

@@ -330,7 +330,8 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
     from fedllm.privacy import compute_epsilon, plan_central_dp, plan_dp_sgd
 
     p, t, fed = cfg.privacy, cfg.train, cfg.federation
-    plan: dict[str, Any] = {"rounds": fed.rounds, "dp_enabled": p.enabled, "nodes": []}
+    plan: dict[str, Any] = {"rounds": fed.rounds, "dp_enabled": p.enabled, "nodes": [],
+                            "trains": list(t.trained_parts(cfg.model.task))}
     prior = cfg.center_prior()
     if prior and sizes:
         asked = class_stats_can_help(nodes=len(sizes), examples=sum(sizes), classes=classes,
@@ -376,6 +377,11 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
     if as_json:
         print(json.dumps(plan, indent=2))
         return
+    if plan["trains"] == ["head"]:
+        console.print("trains: the classification head alone (train.learning_rate = 0: LoRA "
+                      "frozen, a linear probe of the frozen encoder)")
+    elif plan["trains"] == ["lora"] and cfg.model.task == "seq-cls":
+        console.print("trains: LoRA alone (train.head_learning_rate = 0: the head frozen)")
     if not p.enabled:
         console.print("[bold red]DP OFF: no privacy plan (nothing bounds what updates reveal)[/]")
     else:
