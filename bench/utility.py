@@ -148,9 +148,10 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
         opt, batch = a.dp_optimizer, int(per_epsilon(a.dp_batch_size, eps))
         lora_clip = per_epsilon(a.dp_lora_clip, eps) if a.dp_lora_clip else None
         lora_clip = lora_clip if lora_clip and lora_clip > 0 else None  # 0: flat clipping
+        local_steps = int(per_epsilon(a.dp_local_steps, eps)) if a.dp_local_steps else None
     else:
         lr, head_lr, opt, batch = a.lr, a.head_lr, a.optimizer, a.batch_size
-        lora_clip = None
+        lora_clip, local_steps = None, None
     if eps is None and a.center_nodp:
         # The non-private analogue of the DP settings' start: exact class statistics (σ = 0)
         # centre the head's input and give its start, for centralised and federated alike.
@@ -186,7 +187,8 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
             sigmas = [plan_dp_sgd(num_examples=len(ds), batch_size=batch,
                                   local_epochs=a.local_epochs, rounds=a.rounds,
                                   target_epsilon=eps, delta=DELTA, accountant="prv",
-                                  project=False, prior=tuple(h)).noise_multiplier
+                                  project=False, prior=tuple(h),
+                                  local_steps=local_steps).noise_multiplier
                       for ds, h in zip(nodes, histories, strict=True)]
         if a.local_fraction != 1.0 and (eps is not None or not 0 < a.local_fraction < 1):
             raise SystemExit("--local-fraction is for non-private federated settings, in (0, 1)")
@@ -204,7 +206,7 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                 r = train_local(lm, ds, epochs=a.local_epochs, batch_size=min(batch, len(ds)),
                                 physical_batch_size=a.physical_batch_size, learning_rate=lr,
                                 dp=dp, seed=seed + 1000 * rnd + i, optimizer=opt,
-                                head_learning_rate=head_lr)
+                                head_learning_rate=head_lr, local_steps=local_steps)
                 histories[i].extend(r.history)
                 updates.append((lm.adapter_state(), float(len(full))))
             lm.load_adapter_state(fedavg(updates))
@@ -270,6 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="DP settings: clip LoRA to this norm separately from the head "
                          "(grouped clipping, fedllm.train.GroupedDPOptimizer), once or per ε; "
                          "empty or 0 = flat clipping of the whole gradient")
+    ap.add_argument("--dp-local-steps", default="",
+                    help="DP settings: this many DP steps per round (once or per ε) instead of "
+                         "--local-epochs epochs; same rate q, so with --rounds scaled up the "
+                         "same steps and ε spread over more, shorter rounds")
     ap.add_argument("--dp-lora-noise-share", type=float, default=0.5,
                     help="grouped clipping: LoRA's share a² of the unit sensitivity")
     ap.add_argument("--center-noise", default="4",

@@ -135,7 +135,7 @@ def run_canary_audit(config: RunConfig, *, canaries: int = 32, canary_length: in
                            local_epochs=t.local_epochs, rounds=rounds,
                            target_epsilon=p.target_epsilon, delta=p.delta,
                            accountant=p.accountant, noise_multiplier=p.noise_multiplier,
-                           project=False)
+                           project=False, local_steps=t.local_steps)
         sigma = plan.noise_multiplier
         dp = dp_for_run(config, noise_multiplier=sigma)
     history: list[tuple[float, float, int]] = []

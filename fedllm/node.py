@@ -447,7 +447,7 @@ class NodeRuntime:
                                    rounds=cfg.federation.rounds, target_epsilon=p.target_epsilon,
                                    delta=p.delta, accountant=p.accountant,
                                    noise_multiplier=p.noise_multiplier, project=False,
-                                   prior=prior)
+                                   prior=prior, local_steps=cfg.train.local_steps)
                 planned = plan.round_history()
                 sigma, q = plan.noise_multiplier, plan.sample_rate
             limit = identity.epsilon_limit if identity.epsilon_limit is not None \

@@ -204,13 +204,18 @@ class DPSGDPlan:
 def plan_dp_sgd(*, num_examples: int, batch_size: int, local_epochs: int, rounds: int,
                 target_epsilon: float, delta: float, accountant: str,
                 noise_multiplier: float | None = None, project: bool = True,
-                prior: tuple[tuple[float, float, int], ...] = ()) -> DPSGDPlan:
+                prior: tuple[tuple[float, float, int], ...] = (),
+                local_steps: int | None = None) -> DPSGDPlan:
     """Calibrate σ once for the whole horizon (rounds × local steps at the node's rate) so the
     target ε holds after the *last* round; optionally project ε after each round. ``prior``:
-    the node's releases before training (e.g. a private feature mean), composed with it."""
+    the node's releases before training (e.g. a private feature mean), composed with it.
+    ``local_steps``: that many DP steps per round instead of ``local_epochs`` whole epochs
+    (the same rate q)."""
     steps_per_epoch = math.ceil(num_examples / batch_size)
     q = 1.0 / steps_per_epoch  # what Opacus' DPDataLoader uses for this dataset size
-    round_steps = local_epochs * steps_per_epoch
+    round_steps = local_steps if local_steps is not None else local_epochs * steps_per_epoch
+    if round_steps <= 0:
+        raise ValueError("a round needs at least one local step")
     calibrated = noise_multiplier is None
     sigma = calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=q,
                             steps=rounds * round_steps, accountant=accountant, prior=prior) \

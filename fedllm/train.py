@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -428,6 +428,7 @@ def train_local(
     optimizer: Optimizer = "adamw",
     momentum: float = 0.0,
     head_learning_rate: float | None = None,
+    local_steps: int | None = None,
 ) -> TrainResult:
     """Train the adapter of ``loaded.model`` in place on ``dataset``.
 
@@ -440,7 +441,12 @@ def train_local(
     A rate of 0 (``learning_rate`` for LoRA, ``head_learning_rate`` for the head) freezes that
     part for the round: no gradient, no per-sample gradient, no share of the clip norm
     (:func:`_frozen_at_rate_zero`). ``learning_rate=0`` trains the head alone.
+
+    ``local_steps``: stop after that many optimizer steps (logical batches; under DP each one
+    a Poisson draw at q = batch_size / N, empty draws included) instead of ``epochs`` epochs.
     """
+    if local_steps is not None and local_steps <= 0:
+        raise ValueError("local_steps must be positive")
     model = loaded.model
     device = loaded.device
     n = len(dataset)
@@ -464,12 +470,13 @@ def train_local(
             result = _train_no_dp(
                 model, dataset, collate, opt, device=device, task=loaded.task, epochs=epochs,
                 batch_size=batch_size, physical_batch_size=physical_batch_size, seed=seed,
+                local_steps=local_steps,
             )
         else:
             result = _train_dp(
                 model, dataset, collate, opt, device=device, task=loaded.task, epochs=epochs,
                 batch_size=batch_size, physical_batch_size=physical_batch_size, dp=dp,
-                seed=seed,
+                seed=seed, local_steps=local_steps,
                 grad_sample_mode=choose_clipping(model, physical_batch_size=physical_batch_size,
                                                  mode=clipping,
                                                  grouped=dp.lora_max_grad_norm is not None),
@@ -501,8 +508,25 @@ def train_for_run(loaded: LoadedModel, dataset: TokenizedDataset, train: TrainCo
         physical_batch_size=train.physical_batch_size, learning_rate=train.learning_rate,
         weight_decay=train.weight_decay, dp=dp, seed=seed, clipping=train.clipping,
         optimizer=train.optimizer, momentum=train.momentum,
-        head_learning_rate=train.head_learning_rate,
+        head_learning_rate=train.head_learning_rate, local_steps=train.local_steps,
     )
+
+
+def _logical_batches(epoch: Callable[[], Iterator[Any]], *, epochs: int,
+                     steps: int | None) -> Iterator[Any]:
+    """The round's logical batches: ``epochs`` passes of ``epoch()``, or, with ``steps``,
+    exactly that many batches from as many passes as it takes (the last one cut short)."""
+    if steps is None:
+        for _ in range(epochs):
+            yield from epoch()
+        return
+    taken = 0
+    while taken < steps:
+        for batch in epoch():
+            yield batch
+            taken += 1
+            if taken == steps:
+                return
 
 
 def _train_dp(
@@ -519,6 +543,7 @@ def _train_dp(
     dp: DPParams,
     seed: int,
     grad_sample_mode: str,
+    local_steps: int | None = None,
 ) -> TrainResult:
     from opacus import PrivacyEngine
     from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
@@ -564,37 +589,37 @@ def _train_dp(
             # torch notes that Opacus' full backward hooks fire on modules whose inputs need no
             # grad (the frozen base); that is expected with LoRA.
             warnings.filterwarnings("ignore", message="Full backward hook")
-            for _ in range(epochs):
-                # One Poisson-sampled logical batch (list of example indices) per DP step.
-                for logical in dp_loader.batch_sampler:
-                    if len(logical) == 0:
-                        # Empty draw (probability (1-q)^N): nothing to clip or release. Count the
-                        # step anyway so the ledger can only over-, never under-state epsilon.
-                        engine.accountant.step(noise_multiplier=dp.noise_multiplier,
-                                               sample_rate=sample_rate)
-                        continue
-                    # Physical chunks of similar length => little padding. The same protocol as
-                    # Opacus' BatchMemoryManager: clip+accumulate per chunk, noise+step once.
-                    chunks = split_logical(logical, lengths, device=device,
-                                           physical_batch_size=physical_batch_size)
-                    for j, chunk in enumerate(chunks):
-                        dp_opt.signal_skip_step(do_skip=j < len(chunks) - 1)
-                        batch = _to(collate([dataset[int(i)] for i in chunk]), device)
-                        # Mean over the chunk; Opacus rescales per-example grads so the noisy sum is
-                        # divided by the *expected* logical batch size, as DP-SGD prescribes.
-                        losses = example_losses(dp_model, batch, task)
-                        if ghost:
-                            # Two backward passes: per-example norms, then the clipped sum.
-                            DPTensorFastGradientClipping(dp_model, dp_opt, losses,
-                                                         "mean").backward()
-                        else:
-                            losses.mean().backward()
-                        dp_opt.step()
-                        dp_opt.zero_grad(set_to_none=True)
-                        loss_sum += float(losses.detach().mean())
-                        loss_batches += 1
-                        samples += len(chunk)
-                        tokens += int(lengths[chunk].sum())
+            # One Poisson-sampled logical batch (list of example indices) per DP step.
+            for logical in _logical_batches(lambda: iter(dp_loader.batch_sampler),
+                                            epochs=epochs, steps=local_steps):
+                if len(logical) == 0:
+                    # Empty draw (probability (1-q)^N): nothing to clip or release. Count the
+                    # step anyway so the ledger can only over-, never under-state epsilon.
+                    engine.accountant.step(noise_multiplier=dp.noise_multiplier,
+                                           sample_rate=sample_rate)
+                    continue
+                # Physical chunks of similar length => little padding. The same protocol as
+                # Opacus' BatchMemoryManager: clip+accumulate per chunk, noise+step once.
+                chunks = split_logical(logical, lengths, device=device,
+                                       physical_batch_size=physical_batch_size)
+                for j, chunk in enumerate(chunks):
+                    dp_opt.signal_skip_step(do_skip=j < len(chunks) - 1)
+                    batch = _to(collate([dataset[int(i)] for i in chunk]), device)
+                    # Mean over the chunk; Opacus rescales per-example grads so the noisy sum is
+                    # divided by the *expected* logical batch size, as DP-SGD prescribes.
+                    losses = example_losses(dp_model, batch, task)
+                    if ghost:
+                        # Two backward passes: per-example norms, then the clipped sum.
+                        DPTensorFastGradientClipping(dp_model, dp_opt, losses,
+                                                     "mean").backward()
+                    else:
+                        losses.mean().backward()
+                    dp_opt.step()
+                    dp_opt.zero_grad(set_to_none=True)
+                    loss_sum += float(losses.detach().mean())
+                    loss_batches += 1
+                    samples += len(chunk)
+                    tokens += int(lengths[chunk].sum())
         history = [(float(s), float(q), int(k)) for s, q, k in engine.accountant.history]
     finally:
         # Remove Opacus hooks and per-sample grad buffers so the same model object is reused
@@ -628,27 +653,31 @@ def _train_no_dp(
     batch_size: int,
     physical_batch_size: int,
     seed: int,
+    local_steps: int | None = None,
 ) -> TrainResult:
     generator = torch.Generator().manual_seed(seed)
     n = len(dataset)
-    steps, loss_sum, loss_batches, tokens = 0, 0.0, 0, 0
-    lengths = dataset.lengths()
-    for _ in range(epochs):
+    steps, loss_sum, loss_batches, tokens, samples = 0, 0.0, 0, 0, 0
+
+    def epoch() -> Iterator[np.ndarray]:  # one shuffled pass in logical batches
         perm = torch.randperm(n, generator=generator).numpy()
-        for start in range(0, n, batch_size):
-            logical = perm[start : start + batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            for chunk in split_logical(logical, lengths, device=device,
-                                       physical_batch_size=physical_batch_size):
-                batch = _to(collate([dataset[int(i)] for i in chunk]), device)
-                # Weight each chunk by its share so the step uses the logical-batch mean.
-                loss = example_losses(model, batch, task).mean()
-                (loss * (len(chunk) / len(logical))).backward()
-                loss_sum += float(loss.detach())
-                loss_batches += 1
-                tokens += int(lengths[chunk].sum())
-            optimizer.step()
-            steps += 1
+        return (perm[start : start + batch_size] for start in range(0, n, batch_size))
+
+    lengths = dataset.lengths()
+    for logical in _logical_batches(epoch, epochs=epochs, steps=local_steps):
+        samples += len(logical)
+        optimizer.zero_grad(set_to_none=True)
+        for chunk in split_logical(logical, lengths, device=device,
+                                   physical_batch_size=physical_batch_size):
+            batch = _to(collate([dataset[int(i)] for i in chunk]), device)
+            # Weight each chunk by its share so the step uses the logical-batch mean.
+            loss = example_losses(model, batch, task).mean()
+            (loss * (len(chunk) / len(logical))).backward()
+            loss_sum += float(loss.detach())
+            loss_batches += 1
+            tokens += int(lengths[chunk].sum())
+        optimizer.step()
+        steps += 1
     return TrainResult(
         num_examples=n,
         steps=steps,
@@ -656,6 +685,6 @@ def _train_no_dp(
         noise_multiplier=None,
         mean_loss=loss_sum / max(loss_batches, 1),
         seconds=0.0,
-        samples=epochs * n,
+        samples=samples,
         tokens=tokens,
     )

@@ -38,6 +38,7 @@ def test_config_is_frozen():
     ({"federation.nodes_per_round": 5}, "nodes_per_round (5) exceeds"),
     ({"partition.scheme": "files"}, "one data.train_paths entry per node"),
     ({"train.physical_batch_size": 512}, "physical_batch_size"),
+    ({"train.local_steps": 0}, "train.local_steps"),
 ])
 def test_invalid_values_name_the_field(overrides, needle):
     with pytest.raises(ConfigError) as e:

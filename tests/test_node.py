@@ -275,3 +275,25 @@ def test_held_out_split_is_deterministic_disjoint_and_out_of_training(tmp_path):
     assert len(t.train) == 30 and len(t.eval) == 10
     assert not set(t.train.texts) & set(t.eval.texts)
     assert t.eval.groups is None  # this node's file has no group column: reported, not fatal
+
+
+def test_local_steps_set_the_round_and_its_planned_sigma(runtime_and_config, tmp_path):
+    """train.local_steps = 5 on a 54-example node at batch 30 (2 steps per epoch): the round
+    takes 5 DP steps at q = 1/2, the ledger records them and σ is calibrated for 2 × 5."""
+    from fedllm.privacy import plan_dp_sgd
+
+    rt, base, arrays = runtime_and_config
+    cfg = load_config(None, {"data.max_examples": 120, "federation.num_nodes": 2,
+                             "federation.rounds": 2, "train.batch_size": 30,
+                             "train.physical_batch_size": 30, "privacy.target_epsilon": 4.0,
+                             "train.local_steps": 5})
+    r1 = rt.train(request(cfg, arrays, 1), identity=NodeIdentity("node-0", tmp_path),
+                  data=simulated_node_data(cfg, 0))
+    plan = plan_dp_sgd(num_examples=54, batch_size=30, local_epochs=1, rounds=2,
+                       target_epsilon=4.0, delta=1e-5, accountant="prv", local_steps=5)
+    assert r1.ok and r1.metrics["steps"] == 5
+    assert r1.metrics["noise_multiplier"] == pytest.approx(plan.noise_multiplier)
+    assert [(e["round"], e["steps"]) for e in r1.ledger] == [(1, 5)]
+    epochs = plan_dp_sgd(num_examples=54, batch_size=30, local_epochs=1, rounds=2,
+                         target_epsilon=4.0, delta=1e-5, accountant="prv")
+    assert epochs.steps_per_round == 2 and epochs.noise_multiplier < plan.noise_multiplier

@@ -434,3 +434,27 @@ def test_rate_zero_freezes_lora_and_dp_trains_the_head_alone(setup):
         train_local(lm, ds, dp=DPParams(1.0, 1.0, lora_max_grad_norm=0.1), **kw)
     assert all(p.requires_grad for p in lora)
     assert lm.adapter_state().keys() == before.keys()
+
+
+def test_local_steps_replace_epochs_at_the_same_rate(setup):
+    """local_steps = 5 with 3 steps per epoch: exactly 5 DP steps (Poisson draws at q = 1/3,
+    the second pass cut short), and the plan calibrates for rounds x 5 steps at that q."""
+    from fedllm.privacy import plan_dp_sgd
+
+    lm, ds = setup
+    before = lm.adapter_state()
+    kw = dict(epochs=1, batch_size=40, physical_batch_size=40, learning_rate=1e-3, seed=6,
+              local_steps=5)
+    r = train_local(lm, ds, dp=DPParams(1.1, 1.0), **kw)
+    assert r.steps == 5 and r.history == [(1.1, pytest.approx(1 / 3), 5)]
+    lm.load_adapter_state(before)
+    plain = train_local(lm, ds, dp=None, **kw)
+    lm.load_adapter_state(before)
+    assert plain.steps == 5 and plain.samples == 40 * 3 + 40 * 2
+    plan = plan_dp_sgd(num_examples=120, batch_size=40, local_epochs=1, rounds=4,
+                       target_epsilon=8.0, delta=1e-5, accountant="prv", local_steps=5)
+    assert plan.steps_per_round == 5 and plan.sample_rate == pytest.approx(1 / 3)
+    assert plan.projected_epsilon[-1] == pytest.approx(compute_epsilon(
+        [(plan.noise_multiplier, 1 / 3, 20)], delta=1e-5, accountant="prv"))
+    with pytest.raises(ValueError, match="local_steps"):
+        train_local(lm, ds, dp=None, **(kw | {"local_steps": 0}))

@@ -350,7 +350,7 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
                              local_epochs=t.local_epochs, rounds=fed.rounds,
                              target_epsilon=p.target_epsilon, delta=p.delta,
                              accountant=p.accountant, noise_multiplier=p.noise_multiplier,
-                             prior=prior)
+                             prior=prior, local_steps=t.local_steps)
             plan["nodes"].append({
                 "node": f"node-{i}", "examples": n, "sample_rate": dp.sample_rate,
                 "expected_batch": round(dp.sample_rate * n, 1),
