@@ -168,3 +168,36 @@ def test_a_learning_rate_of_zero_freezes_its_part_but_something_must_train():
         load_config(None, {"train.learning_rate": 0, "privacy.clip_groups": "head-lora"})
     with pytest.raises(ConfigError, match="learning_rate"):
         load_config(None, {"train.learning_rate": -1e-3})
+
+
+def test_the_dry_run_plan_says_what_trains_and_for_how_many_steps():
+    """fedllm run --dry-run's plan (fedllm.cli.run.print_plan), in-process."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from fedllm.cli.run import print_plan
+
+    def plan(overrides, *, as_json):
+        out = io.StringIO()
+        cfg = load_config(None, {"federation.rounds": 2} | overrides)
+        console = Console(file=out, width=200)
+        if as_json:
+            import contextlib
+
+            with contextlib.redirect_stdout(out):
+                print_plan(console, cfg, [60, 60], as_json=True, classes=2)
+            return json.loads(out.getvalue())
+        print_plan(console, cfg, [60, 60], as_json=False, classes=2)
+        return out.getvalue()
+
+    default = plan({}, as_json=True)
+    assert default["trains"] == ["lora", "head"]
+    assert [n["steps_per_round"] for n in default["nodes"]] == [1, 1]  # batch 256 > 60
+    stepped = plan({"train.local_steps": 3, "train.batch_size": 20}, as_json=True)
+    assert [n["steps_per_round"] for n in stepped["nodes"]] == [3, 3]
+    assert "trains: the classification head alone" in plan({"train.learning_rate": 0},
+                                                          as_json=False)
+    assert "trains: LoRA alone" in plan({"train.head_learning_rate": 0}, as_json=False)
+    assert "trains:" not in plan({}, as_json=False)
