@@ -58,6 +58,7 @@ def test_runs_and_status_cli(tiny_run):
     assert missing.returncode == 2 and "unknown run 'no-such-run'" in missing.stderr
 
 
+@pytest.mark.slow  # ~75 s; the causal-LM DP step stays in the default suite (test_train.py)
 def test_causal_lm_run_on_tiny_local_model(tmp_path):
     model_dir = build_tiny_causal_lm(tmp_path / "tiny-llama")
     home = tmp_path / "home"
