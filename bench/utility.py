@@ -151,8 +151,7 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
         lora_clip = per_epsilon(a.dp_lora_clip, eps) if a.dp_lora_clip else None
         lora_clip = lora_clip if lora_clip and lora_clip > 0 else None  # 0: flat clipping
         # 0 (or empty): whole epochs
-        local_steps = int(per_epsilon(a.dp_local_steps, eps)) if a.dp_local_steps else 0
-        local_steps = local_steps if local_steps > 0 else None
+        local_steps = (int(per_epsilon(a.dp_local_steps, eps)) if a.dp_local_steps else 0) or None
         rounds = int(per_epsilon(a.dp_rounds, eps)) if a.dp_rounds else a.rounds
     else:
         lr, head_lr, opt, batch = a.lr, a.head_lr, a.optimizer, a.batch_size

@@ -201,8 +201,7 @@ class TrainConfig(_Frozen):
 
     @model_validator(mode="after")
     def _something_to_train(self) -> TrainConfig:
-        head = self.learning_rate if self.head_learning_rate is None else self.head_learning_rate
-        if self.learning_rate == 0 and head == 0:
+        if not self.trained_parts("seq-cls"):
             raise ValueError("train.learning_rate and train.head_learning_rate are both 0: "
                              "nothing would be trained")
         return self
@@ -372,11 +371,11 @@ class RunConfig(_Frozen):
         if self.grouped_clipping and self.train.clipping == "ghost":
             raise ValueError("privacy.clip_groups='head-lora' needs per-sample gradients: "
                              "train.clipping 'auto' or 'hooks', not 'ghost'")
-        if self.model.task != "seq-cls" and self.train.learning_rate == 0:
+        trains = self.train.trained_parts(self.model.task)
+        if not trains:
             raise ValueError("train.learning_rate = 0 freezes LoRA, and a "
                              f"{self.model.task!r} model has no head to train instead")
-        if self.grouped_clipping and 0 in (self.train.learning_rate,
-                                           self.train.head_learning_rate):
+        if self.grouped_clipping and trains != ("lora", "head"):
             raise ValueError("privacy.clip_groups='head-lora' clips the head and LoRA "
                              "separately; with one of them frozen (learning rate 0) use 'flat'")
         if self.train.center_features == "on":

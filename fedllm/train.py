@@ -454,12 +454,11 @@ def train_local(
     collate = Collator(pad_token_id=int(loaded.tokenizer.pad_token_id))
     frozen = _frozen_at_rate_zero(model, learning_rate=learning_rate,
                                   head_learning_rate=head_learning_rate)
-    if dp is not None and dp.lora_max_grad_norm is not None and frozen:
-        _unfreeze(frozen)
-        raise ValueError("grouped clipping (lora_max_grad_norm) clips the head and LoRA "
-                         "separately; with one of them frozen (learning rate 0) use flat "
-                         "clipping")
     try:
+        if dp is not None and dp.lora_max_grad_norm is not None and frozen:
+            raise ValueError("grouped clipping (lora_max_grad_norm) clips the head and LoRA "
+                             "separately; with one of them frozen (learning rate 0) use flat "
+                             "clipping")
         # Trap: HF models load in eval mode; dropout etc. must be in training mode.
         model.train()
         opt = make_optimizer(optimizer, model, learning_rate=learning_rate,
