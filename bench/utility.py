@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "statistics (the DP settings' start without noise)")
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
+    ap.add_argument("--lora-freeze-a", action="store_true",
+                    help="train LoRA's B only, A fixed at its seeded init (FFA-LoRA, "
+                         "lora.freeze_a), in every setting")
     ap.add_argument("--pooling", default="auto", choices=["auto", "mean", "mean-norm", "cls"])
     ap.add_argument("--base-dropout", type=float, default=0.0,
                     help="dropout inside the frozen base (fedllm default 0; -1 = checkpoint's)")
@@ -342,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
                            max_examples=a.eval_examples)
     lm = load_model(None, task="seq-cls", label_names=LABELS, seed=a.seed,
                     device=resolve_device(a.device), lora_r=a.lora_r, lora_alpha=a.lora_alpha,
-                    pooling=a.pooling,
+                    pooling=a.pooling, lora_freeze_a=a.lora_freeze_a,
                     base_dropout=None if a.base_dropout < 0 else a.base_dropout)
     nodes = [tokenize(lm.tokenizer, [table.texts[i] for i in p], labels[p],
                       max_length=a.max_length) for p in parts]

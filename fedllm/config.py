@@ -54,6 +54,10 @@ class LoraConfig(_Frozen):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # None = PEFT's default attention projections for the architecture (query/value for BERT).
     target_modules: tuple[str, ...] | None = None
+    # Train B only; every A stays at the seeded random initialisation all parties share
+    # (FFA-LoRA, Sun et al. ICLR 2024; fedllm.model.freeze_lora_a): FedAvg of B is then the exact
+    # average of the nodes' ΔW = s·B·A, and DP-SGD noises half the LoRA coordinates.
+    freeze_a: bool = False
 
 
 # -- node-side data protection (issue 9) -----------------------------------------------------

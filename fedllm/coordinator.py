@@ -42,7 +42,14 @@ from fedllm.data import (
     read_table,
     tokenize,
 )
-from fedllm.model import LoadedModel, feature_dim, load_run_model, save_adapter, with_head
+from fedllm.model import (
+    LoadedModel,
+    feature_dim,
+    is_lora_a,
+    load_run_model,
+    save_adapter,
+    with_head,
+)
 from fedllm.privacy import (
     CentralPlan,
     PrivacyError,
@@ -386,6 +393,11 @@ class Coordinator:
             att = self._attempt(rnd, attempt, transport, global_state, label_names)
             self._record_ledgers(att.ledgers)
             if att.new_state is not None:
+                if self.config.lora.freeze_a:
+                    # Nobody trains A (FFA-LoRA): it stays the run's shared initialisation.
+                    # Under central DP this also drops the noise the release added to it
+                    # (post-processing), so A does not drift by noise round after round.
+                    att.new_state.update({k: v for k, v in global_state.items() if is_lora_a(k)})
                 loaded.load_adapter_state(att.new_state)
                 metrics = self.evaluator.global_model(rnd, loaded)
                 digest = state_digest(att.new_state)

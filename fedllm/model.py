@@ -155,6 +155,9 @@ class LoadedModel:
     device: torch.device
     full_model_bytes: int  # bytes of every parameter (base + adapter): what FedAvg of the
     # whole model would send
+    # LoRA's A matrices stay at their seeded initialisation (lora.freeze_a, FFA-LoRA):
+    # only B (and the head) train. See :func:`freeze_lora_a`.
+    lora_a_frozen: bool = False
 
     def adapter_state(self) -> dict[str, np.ndarray]:
         return adapter_state(self.model)
@@ -164,6 +167,37 @@ class LoadedModel:
 
     def set_feature_center(self, center: np.ndarray | None) -> None:
         set_feature_center(self.model, center)
+
+    def enforce_frozen(self) -> None:
+        """Re-apply the adapter's frozen parts. PEFT makes every adapter matrix trainable again
+        whenever it re-activates the adapter (``disable_adapter()`` on exit, ``set_adapter``),
+        so code that trains calls this first instead of trusting ``requires_grad``."""
+        if self.lora_a_frozen:
+            freeze_lora_a(self.model)
+
+
+def is_lora_a(name: str) -> bool:
+    """Whether a parameter or adapter-state name is a LoRA A matrix (PEFT names them
+    ``….lora_A.<adapter>.weight`` as parameters and ``….lora_A.weight`` in the state)."""
+    return ".lora_A." in name
+
+
+def freeze_lora_a(model: nn.Module) -> int:
+    """Freeze every LoRA A matrix at its current value; returns how many were frozen.
+
+    FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR
+    2024): with A fixed at the seeded random initialisation every party shares, the update
+    ΔW = s·B·A is linear in the trained B, so FedAvg of the nodes' B is exactly the average of
+    their ΔW (training both, avg(B)·avg(A) ≠ avg(B·A) on heterogeneous nodes), and DP-SGD noises
+    half as many LoRA coordinates for the same clipped signal. Opacus hooks only modules with
+    trainable parameters, so the A modules also cost no per-sample gradients.
+    """
+    frozen = 0
+    for name, p in model.named_parameters():
+        if is_lora_a(name):
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
 
 
 def _lora_targets(base_config: Any, configured: tuple[str, ...] | None) -> list[str]:
@@ -192,11 +226,13 @@ def load_model(
     base_dropout: float | None = 0.0,
     device: torch.device | None = None,
     seed: int = 0,
+    lora_freeze_a: bool = False,
 ) -> LoadedModel:
     """Load base weights from a local directory and attach a fresh LoRA adapter.
 
     The adapter initialisation is seeded so every party builds the same starting point.
     ``base_dropout`` sets every dropout of the frozen base (None: keep the checkpoint's).
+    ``lora_freeze_a``: train LoRA's B matrices only (FFA-LoRA, :func:`freeze_lora_a`).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -245,7 +281,7 @@ def load_model(
     model = get_peft_model(base, lora_cfg)  # type: ignore[arg-type]
     model.to(device)
     model.eval()
-    return LoadedModel(
+    loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
         task=task,
@@ -254,7 +290,10 @@ def load_model(
         pooling=resolved_pooling,
         device=device,
         full_model_bytes=int(full_bytes),
+        lora_a_frozen=lora_freeze_a,
     )
+    loaded.enforce_frozen()
+    return loaded
 
 
 def load_run_model(config: RunConfig, label_names: tuple[str, ...]) -> LoadedModel:
@@ -265,7 +304,7 @@ def load_run_model(config: RunConfig, label_names: tuple[str, ...]) -> LoadedMod
         m.path, task=m.task, label_names=label_names, pooling=m.pooling, lora_r=lo.r,
         lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
         base_dropout=m.base_dropout, device=resolve_device(config.train.device),
-        seed=config.seed,
+        seed=config.seed, lora_freeze_a=lo.freeze_a,
     )
 
 

@@ -247,6 +247,7 @@ def private_class_stats(loaded: LoadedModel, dataset: TokenizedDataset, *,
             total[:, :hidden].index_add_(0, rows, x)
             total[:, hidden].index_add_(0, rows, torch.full((len(chunk),), float(clip_norm),
                                                               dtype=torch.float64))
+    loaded.enforce_frozen()  # leaving disable_adapter() made every LoRA matrix trainable
     loaded.model.train(was_training)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.normal(0.0, noise_multiplier * clip_norm, size=total.shape,
@@ -452,6 +453,7 @@ def train_local(
     n = len(dataset)
     torch.manual_seed(seed)
     collate = Collator(pad_token_id=int(loaded.tokenizer.pad_token_id))
+    loaded.enforce_frozen()  # (lora.freeze_a: PEFT may have made A trainable again)
     frozen = _frozen_at_rate_zero(model, learning_rate=learning_rate,
                                   head_learning_rate=head_learning_rate)
     try:

@@ -193,7 +193,7 @@ def test_the_dry_run_plan_says_what_trains_and_for_how_many_steps():
         return out.getvalue()
 
     default = plan({}, as_json=True)
-    assert default["trains"] == ["lora", "head"]
+    assert default["trains"] == ["lora", "head"] and default["lora_a_frozen"] is False
     assert [n["steps_per_round"] for n in default["nodes"]] == [1, 1]  # batch 256 > 60
     stepped = plan({"train.local_steps": 3, "train.batch_size": 20}, as_json=True)
     assert [n["steps_per_round"] for n in stepped["nodes"]] == [3, 3]
@@ -201,3 +201,6 @@ def test_the_dry_run_plan_says_what_trains_and_for_how_many_steps():
                                                           as_json=False)
     assert "trains: LoRA alone" in plan({"train.head_learning_rate": 0}, as_json=False)
     assert "trains:" not in plan({}, as_json=False)
+    assert "B matrices only" in plan({"lora.freeze_a": True}, as_json=False)
+    assert "B matrices" not in plan({"lora.freeze_a": True, "train.learning_rate": 0},
+                                    as_json=False)

@@ -240,12 +240,22 @@ def test_nan_wrong_shape_and_oversize_updates_are_rejected(tmp_path):
 
 
 def test_central_dp_is_applied_and_accounted(tmp_path):
+    from fedllm.model import is_lora_a, load_run_model
     from fedllm.privacy import compute_epsilon
 
+    # With lora.freeze_a (FFA-LoRA), A is nobody's to train: the release keeps it at the shared
+    # initialisation exactly, instead of adding noise to it each round; B gets the noise.
     cfg = tiny_config(**{"central_dp.enabled": True, "central_dp.noise_multiplier": 1.0,
-                         "central_dp.clip_norm": 0.05, "federation.rounds": 2})
+                         "central_dp.clip_norm": 0.05, "federation.rounds": 2,
+                         "lora.freeze_a": True})
     run(tmp_path, cfg, LocalTransport(tmp_path, 3))
-    _, _, ledger = stored(tmp_path)
+    _, ck, ledger = stored(tmp_path)
+    init, final = load_run_model(cfg, ("0", "1")).adapter_state(), unpack_state(ck[1])
+    a_keys = [k for k in init if is_lora_a(k)]
+    b_keys = [k for k in init if ".lora_B." in k]
+    assert a_keys and len(b_keys) == len(a_keys)
+    assert all(np.array_equal(final[k], init[k]) for k in a_keys)
+    assert all(np.abs(final[k] - init[k]).max() > 0 for k in b_keys)
     central = [e for e in ledger if e["node_id"] == CENTRAL_LEDGER_ID]
     assert [e["entry_round"] for e in central] == [1, 2] and central[0]["kind"] == "node"
     # q = 3/3 = 1, σ = 1, two releases: ε of a 2-fold Gaussian mechanism

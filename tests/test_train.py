@@ -458,3 +458,38 @@ def test_local_steps_replace_epochs_at_the_same_rate(setup):
         [(plan.noise_multiplier, 1 / 3, 20)], delta=1e-5, accountant="prv"))
     with pytest.raises(ValueError, match="local_steps"):
         train_local(lm, ds, dp=None, **(kw | {"local_steps": 0}))
+
+
+def test_freeze_a_trains_b_only_also_after_peft_reactivates_the_adapter(setup):
+    """lora.freeze_a (FFA-LoRA): A stays bit-identical through a class-statistics release and a
+    DP round, B and the head train. The trap it guards: leaving PEFT's disable_adapter() (as
+    the release does) makes every LoRA matrix trainable again, so training re-applies the
+    freeze instead of trusting requires_grad."""
+    from dataclasses import replace
+
+    lm, ds = setup
+    ffa = replace(lm, lora_a_frozen=True)
+    a_params = [p for n, p in lm.model.named_parameters() if ".lora_A." in n]
+    assert a_params
+    try:
+        ffa.enforce_frozen()
+        with lm.model.disable_adapter():
+            pass
+        assert all(p.requires_grad for p in a_params)  # PEFT's behaviour, the trap
+        before = ffa.adapter_state()
+        private_class_stats(ffa, ds, noise_multiplier=1.0, seed=0)
+        assert not any(p.requires_grad for p in a_params)
+        with lm.model.disable_adapter():
+            pass
+        r = train_local(ffa, ds, epochs=1, batch_size=40, physical_batch_size=16,
+                        learning_rate=1e-2, dp=DPParams(noise_multiplier=1.0,
+                                                         max_grad_norm=1.0), seed=3)
+        after = ffa.adapter_state()
+        assert r.steps >= 1
+        for k in before:
+            changed = not np.array_equal(before[k], after[k])
+            assert changed == (".lora_A." not in k), k  # A kept; B and the head trained
+        lm.load_adapter_state(before)
+    finally:
+        for p in a_params:
+            p.requires_grad_(True)

@@ -331,7 +331,8 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
 
     p, t, fed = cfg.privacy, cfg.train, cfg.federation
     plan: dict[str, Any] = {"rounds": fed.rounds, "dp_enabled": p.enabled, "nodes": [],
-                            "trains": list(t.trained_parts(cfg.model.task))}
+                            "trains": list(t.trained_parts(cfg.model.task)),
+                            "lora_a_frozen": cfg.lora.freeze_a}
     prior = cfg.center_prior()
     if prior and sizes:
         asked = class_stats_can_help(nodes=len(sizes), examples=sum(sizes), classes=classes,
@@ -382,6 +383,9 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
                       "frozen, a linear probe of the frozen encoder)")
     elif plan["trains"] == ["lora"] and cfg.model.task == "seq-cls":
         console.print("trains: LoRA alone (train.head_learning_rate = 0: the head frozen)")
+    if cfg.lora.freeze_a and "lora" in plan["trains"]:
+        console.print("trains LoRA's B matrices only (lora.freeze_a: every A stays at the shared "
+                      "seeded initialisation, FFA-LoRA)")
     if not p.enabled:
         console.print("[bold red]DP OFF: no privacy plan (nothing bounds what updates reveal)[/]")
     else:
