@@ -3,7 +3,8 @@
 Variants, measured in one process on the same examples (so machine load cancels out of the
 ratios): fedllm without DP, fedllm with Opacus DP (per-sample gradients via hooks), fedllm with
 Opacus ghost clipping, the head alone with and without DP (LoRA at learning rate 0: a DP
-linear probe of the frozen encoder, reported apart since it trains less), and the common
+linear probe of the frozen encoder, reported apart since it trains less), FFA-LoRA with and
+without DP (lora.freeze_a: A fixed, B and the head trained; reported apart), and the common
 example setup as reference (every batch padded to max_len 64, batch 32, a fresh model and
 PrivacyEngine per round). Plus this machine's fp32
 matmul ceiling and the model's training FLOPs per token, giving the fraction of the ceiling
@@ -26,7 +27,7 @@ import torch
 from bench._common import finish, set_threads, sst2_paths
 from fedllm.config import TrainConfig
 from fedllm.data import Collator, TokenizedDataset, encode_labels, read_table, tokenize
-from fedllm.model import load_model
+from fedllm.model import is_lora_a, load_model
 from fedllm.train import DPParams, example_losses, train_local
 
 LABELS = ("0", "1")
@@ -163,11 +164,19 @@ def main(argv: list[str] | None = None) -> dict:
         "dp_ghost": {"dp": DPParams(1.0, 1.0), "clipping": "ghost", "lr": 1e-3},
         "head_only_no_dp": {"dp": None, "clipping": "auto", "lr": 0.0},
         "head_only_dp": {"dp": DPParams(1.0, 1.0), "clipping": "hooks", "lr": 0.0},
+        # lora.freeze_a (FFA-LoRA): B and the head train, A is fixed; reported apart too.
+        "ffa_no_dp": {"dp": None, "clipping": "auto", "lr": 1e-3, "freeze_a": True},
+        "ffa_dp": {"dp": DPParams(1.0, 1.0), "clipping": "hooks", "lr": 1e-3,
+                   "freeze_a": True},
     }
     best: dict[str, dict[str, float]] = {}
     for rep in range(repeats):
         for name, v in variants.items():
             lm.load_adapter_state(initial)
+            lm.lora_a_frozen = bool(v.get("freeze_a"))
+            for pname, p in lm.model.named_parameters():
+                if is_lora_a(pname):
+                    p.requires_grad_(not lm.lora_a_frozen)
             r = train_local(lm, ds, epochs=1, batch_size=batch, physical_batch_size=physical,
                             learning_rate=v["lr"], head_learning_rate=1e-3, dp=v["dp"],
                             seed=args.seed + rep, clipping=v["clipping"])
@@ -210,6 +219,13 @@ def main(argv: list[str] | None = None) -> dict:
                                       / best["head_only_no_dp"]["samples_per_s"], 3),
             "dp_vs_lora_dp": round(best["head_only_dp"]["samples_per_s"]
                                    / best[best_dp]["samples_per_s"], 2)},
+        "ffa": {
+            "dp_vs_nodp_ratio": round(best["ffa_dp"]["samples_per_s"]
+                                      / best["ffa_no_dp"]["samples_per_s"], 3),
+            "dp_vs_lora_dp": round(best["ffa_dp"]["samples_per_s"]
+                                   / best[best_dp]["samples_per_s"], 3),
+            "no_dp_vs_lora_no_dp": round(best["ffa_no_dp"]["samples_per_s"]
+                                         / best["no_dp"]["samples_per_s"], 3)},
         "matmul_ceiling_gflops": round(ceiling, 1),
         "train_flops_per_token": round(flops_tok),
         "no_dp_gflops": round(no_dp_gflops, 2),

@@ -47,9 +47,10 @@ def test_communication_quick(tmp_path):
 def test_throughput_smoke(tmp_path):
     row = run_bench("throughput", ["--smoke"], tmp_path)
     assert set(row["samples_per_s"]) == {"no_dp", "dp_hooks", "dp_ghost", "head_only_no_dp",
-                                         "head_only_dp", "reference"}
+                                         "head_only_dp", "ffa_no_dp", "ffa_dp", "reference"}
     assert row["best_dp_variant"] in ("dp_hooks", "dp_ghost")  # the head alone trains less
     assert set(row["head_only"]) == {"dp_vs_nodp_ratio", "dp_vs_lora_dp"}
+    assert set(row["ffa"]) == {"dp_vs_nodp_ratio", "dp_vs_lora_dp", "no_dp_vs_lora_no_dp"}
     assert all(v > 0 for v in row["samples_per_s"].values())
     for key in ("dp_vs_nodp_ratio", "ceiling_fraction", "vs_reference"):
         assert row[key] > 0
