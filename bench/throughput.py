@@ -27,7 +27,7 @@ import torch
 from bench._common import finish, set_threads, sst2_paths
 from fedllm.config import TrainConfig
 from fedllm.data import Collator, TokenizedDataset, encode_labels, read_table, tokenize
-from fedllm.model import is_lora_a, load_model
+from fedllm.model import load_model
 from fedllm.train import DPParams, example_losses, train_local
 
 LABELS = ("0", "1")
@@ -173,10 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     for rep in range(repeats):
         for name, v in variants.items():
             lm.load_adapter_state(initial)
-            lm.lora_a_frozen = bool(v.get("freeze_a"))
-            for pname, p in lm.model.named_parameters():
-                if is_lora_a(pname):
-                    p.requires_grad_(not lm.lora_a_frozen)
+            lm.lora_a_frozen = bool(v.get("freeze_a"))  # train_local applies it
             r = train_local(lm, ds, epochs=1, batch_size=batch, physical_batch_size=physical,
                             learning_rate=v["lr"], head_learning_rate=1e-3, dp=v["dp"],
                             seed=args.seed + rep, clipping=v["clipping"])

@@ -169,11 +169,11 @@ class LoadedModel:
         set_feature_center(self.model, center)
 
     def enforce_frozen(self) -> None:
-        """Re-apply the adapter's frozen parts. PEFT makes every adapter matrix trainable again
-        whenever it re-activates the adapter (``disable_adapter()`` on exit, ``set_adapter``),
-        so code that trains calls this first instead of trusting ``requires_grad``."""
-        if self.lora_a_frozen:
-            freeze_lora_a(self.model)
+        """Make LoRA's A matrices trainable or not as ``lora_a_frozen`` says. PEFT makes every
+        adapter matrix trainable again whenever it re-activates the adapter
+        (``disable_adapter()`` on exit, ``set_adapter``), so code that trains calls this first
+        instead of trusting ``requires_grad``."""
+        freeze_lora_a(self.model, frozen=self.lora_a_frozen)
 
 
 def is_lora_a(name: str) -> bool:
@@ -182,8 +182,8 @@ def is_lora_a(name: str) -> bool:
     return ".lora_A." in name
 
 
-def freeze_lora_a(model: nn.Module) -> int:
-    """Freeze every LoRA A matrix at its current value; returns how many were frozen.
+def freeze_lora_a(model: nn.Module, *, frozen: bool = True) -> None:
+    """Freeze every LoRA A matrix at its current value (``frozen=False``: make them trainable).
 
     FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR
     2024): with A fixed at the seeded random initialisation every party shares, the update
@@ -192,12 +192,9 @@ def freeze_lora_a(model: nn.Module) -> int:
     half as many LoRA coordinates for the same clipped signal. Opacus hooks only modules with
     trainable parameters, so the A modules also cost no per-sample gradients.
     """
-    frozen = 0
     for name, p in model.named_parameters():
         if is_lora_a(name):
-            p.requires_grad_(False)
-            frozen += 1
-    return frozen
+            p.requires_grad_(not frozen)
 
 
 def _lora_targets(base_config: Any, configured: tuple[str, ...] | None) -> list[str]:

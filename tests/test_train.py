@@ -491,5 +491,5 @@ def test_freeze_a_trains_b_only_also_after_peft_reactivates_the_adapter(setup):
             assert changed == (".lora_A." not in k), k  # A kept; B and the head trained
         lm.load_adapter_state(before)
     finally:
-        for p in a_params:
-            p.requires_grad_(True)
+        lm.enforce_frozen()  # lm's own flag: A trainable again for the other tests
+    assert all(p.requires_grad for p in a_params)
