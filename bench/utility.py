@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "statistics (the DP settings' start without noise)")
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
+    ap.add_argument("--lora-target-modules", default="",
+                    help="comma list of module names LoRA adapts (lora.target_modules; empty = "
+                         "PEFT's default for the model type: query,value for MiniLM)")
     ap.add_argument("--lora-freeze-a", action="store_true",
                     help="train LoRA's B only, A fixed at its seeded init (FFA-LoRA, "
                          "lora.freeze_a), in every setting")
@@ -345,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
     lm = load_model(None, task="seq-cls", label_names=LABELS, seed=a.seed,
                     device=resolve_device(a.device), lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                     pooling=a.pooling, lora_freeze_a=a.lora_freeze_a,
+                    target_modules=tuple(m for m in a.lora_target_modules.split(",") if m)
+                    or None,
                     base_dropout=None if a.base_dropout < 0 else a.base_dropout)
     nodes = [tokenize(lm.tokenizer, [table.texts[i] for i in p], labels[p],
                       max_length=a.max_length) for p in parts]
