@@ -114,3 +114,34 @@ def test_utility_dp_settings_per_epsilon():
     assert per_epsilon("8:256,1:1024", 2.0) == 1024.0
     with pytest.raises(SystemExit, match="bad per-ε"):
         per_epsilon("8:256,1", 3.0)
+
+
+@pytest.mark.slow
+def test_gradsignal_smoke(tmp_path):
+    row = run_bench("gradsignal", ["--smoke", "--threads", "1"], tmp_path)
+    assert row["config"]["examples_sampled"] == 24
+    groups = row["groups"]
+    # B = 0 at LoRA's init, so A's gradient is exactly zero: all noise, no signal
+    assert groups["kind:lora_A"]["ratio"] == 0.0
+    assert groups["kind:lora_A"]["dim"] == groups["kind:lora_B"]["dim"] == 6 * 2 * 8 * 384
+    assert groups["head"]["dim"] == 384 * 2 + 2
+    assert row["total"]["noise_energy_per_step"] > 0
+
+
+def test_gradsignal_estimator_and_groups():
+    import torch
+
+    from bench.gradsignal import _groups, signal_energy
+
+    v = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    same = torch.stack([v] * 10)
+    assert signal_energy(same.sum(0), (same ** 2).sum(0), 10) == pytest.approx(25.0)
+    # zero-mean draws: the naive ‖mean‖² is ~d / k, the unbiased estimate ~0
+    x = torch.randn(4000, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    naive = float((x.mean(0) ** 2).sum())
+    est = signal_energy(x.sum(0), (x ** 2).sum(0), 4000)
+    assert naive == pytest.approx(50 / 4000, rel=0.3)
+    assert abs(est) < 0.3 * naive
+    name = "base_model.model.encoder.encoder.layer.4.attention.self.value.lora_B.default.weight"
+    assert _groups(name) == ["kind:lora_B", "module:attention.self.value", "layer:4"]
+    assert _groups("base_model.model.head.modules_to_save.default.weight") == ["head"]
