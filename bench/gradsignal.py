@@ -27,11 +27,17 @@ import numpy as np
 import torch
 
 from bench._common import finish, set_threads, sst2_paths
-from bench.utility import DELTA, LABELS, _center_and_init, equal_size_dirichlet
+from bench.utility import (
+    DELTA,
+    LABELS,
+    _center_and_init,
+    equal_size_dirichlet,
+    release_class_stats,
+)
 from fedllm.data import Collator, encode_labels, read_table, tokenize
 from fedllm.model import load_model, resolve_device
 from fedllm.privacy import plan_dp_sgd
-from fedllm.train import example_losses, private_class_stats
+from fedllm.train import example_losses
 
 
 def _groups(name: str) -> list[str]:
@@ -100,10 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
                     target_modules=targets, base_dropout=0.0)
     nodes = [tokenize(lm.tokenizer, [table.texts[i] for i in p], labels[p], max_length=64)
              for p in parts]
-    rel = [private_class_stats(lm, ds, noise_multiplier=a.center_noise,
-                               seed=a.seed + 7919 * (i + 1)) for i, ds in enumerate(nodes)]
-    start = _center_and_init(lm, rel, sigma=a.center_noise,
-                             a=argparse.Namespace(no_head_init=False))
+    rel = release_class_stats(lm, nodes, noise_multiplier=a.center_noise, seed=a.seed)
+    start = _center_and_init(lm, rel, sigma=a.center_noise)
     batch = min(a.batch_size, per_node)
     sigma = plan_dp_sgd(num_examples=per_node, batch_size=batch, local_epochs=1,
                         rounds=a.rounds, target_epsilon=a.epsilon, delta=DELTA,
@@ -114,8 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = lm.model
     model.train()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    s1 = {n: torch.zeros(p.numel(), dtype=torch.float64) for n, p in params}
-    s2 = {n: torch.zeros(p.numel(), dtype=torch.float64) for n, p in params}
+    # Σ ĝ and Σ ĝ² per coordinate, on the model's device (no per-example copies to the host)
+    s1 = {n: torch.zeros(p.numel(), dtype=torch.float64, device=p.device) for n, p in params}
+    s2 = {n: torch.zeros(p.numel(), dtype=torch.float64, device=p.device) for n, p in params}
     collate = Collator(pad_token_id=int(lm.tokenizer.pad_token_id))
     rng = np.random.default_rng(a.seed)
     norms: list[float] = []
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
             norms.append(norm)
             scale = min(1.0, a.max_grad_norm / (norm + 1e-12))  # flat clipping, as DP-SGD
             for (n, _), g in zip(params, grads, strict=True):
-                x = g.detach().double().flatten().cpu() * scale
+                x = g.detach().double().flatten() * scale
                 s1[n] += x
                 s2[n] += x * x
     k = len(norms)

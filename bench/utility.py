@@ -106,7 +106,15 @@ def _settings(epsilons: list[float]) -> list[tuple[str, float | None, bool]]:
             + [(f"federated_dp_eps{e:g}", e, True) for e in epsilons])
 
 
-def _center_and_init(lm: Any, rel: list, *, sigma: float, a: argparse.Namespace,
+def release_class_stats(lm: Any, nodes: list, *, noise_multiplier: float,
+                        seed: int) -> list[Any]:
+    """Each node's DP release of per-class feature sums and counts (Gaussian, σ =
+    ``noise_multiplier``), node i seeded ``seed + 7919 (i + 1)``: the DP settings' round 0."""
+    return [private_class_stats(lm, ds, noise_multiplier=noise_multiplier,
+                                seed=seed + 7919 * (i + 1)) for i, ds in enumerate(nodes)]
+
+
+def _center_and_init(lm: Any, rel: list, *, sigma: float, head_init: bool = True,
                      dev: Any = None) -> dict[str, Any]:
     """Centre the head's input and start it from the class means of the nodes' class
     statistics ``rel`` (averaged by examples, as FedAvg does), as fedllm's coordinator does
@@ -117,7 +125,7 @@ def _center_and_init(lm: Any, rel: list, *, sigma: float, a: argparse.Namespace,
     out: dict[str, Any] = {"class_stats": est.summary()}
     if est.usable:
         lm.set_feature_center(est.center)
-        if est.head_usable and not a.no_head_init:
+        if est.head_usable and head_init:
             w, b = est.head()
             lm.load_adapter_state(with_head(lm.adapter_state(), weight=w,
                                             bias=b - w @ est.center))
@@ -161,7 +169,7 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
         # centre the head's input and give its start, for centralised and federated alike.
         out.update(_center_and_init(
             lm, [private_class_stats(lm, ds, noise_multiplier=0.0, seed=seed) for ds in nodes],
-            sigma=0.0, a=a, dev=dev))
+            sigma=0.0, head_init=not a.no_head_init, dev=dev))
     if not federated:
         from fedllm.data import TokenizedDataset
 
@@ -181,12 +189,11 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
             # (fedllm.model.set_feature_center) and the class means the head starts from, as
             # fedllm's coordinator does (fedllm.aggregate.estimate_class_stats).
             sigma_c = per_epsilon(a.center_noise, eps)
-            rel = [private_class_stats(lm, ds, noise_multiplier=sigma_c,
-                                       seed=seed + 7919 * (i + 1))
-                   for i, ds in enumerate(nodes)]
+            rel = release_class_stats(lm, nodes, noise_multiplier=sigma_c, seed=seed)
             for h, r in zip(histories, rel, strict=True):
                 h.extend(r.history())
-            out.update(_center_and_init(lm, rel, sigma=sigma_c, a=a, dev=dev))
+            out.update(_center_and_init(lm, rel, sigma=sigma_c,
+                                        head_init=not a.no_head_init, dev=dev))
         if eps is not None:  # σ per node, for the whole run after its feature-mean release
             sigmas = [plan_dp_sgd(num_examples=len(ds), batch_size=batch,
                                   local_epochs=a.local_epochs, rounds=rounds,
