@@ -1,12 +1,13 @@
 """Local training throughput of DP-LoRA on the bundled MiniLM with SST-2 text lengths.
 
 Variants, measured in one process on the same examples (so machine load cancels out of the
-ratios): fedllm without DP, fedllm with Opacus DP (per-sample gradients via hooks), fedllm with
-Opacus ghost clipping, the head alone with and without DP (LoRA at learning rate 0: a DP
-linear probe of the frozen encoder, reported apart since it trains less), FFA-LoRA with and
-without DP (lora.freeze_a: A fixed, B and the head trained; reported apart), and the common
-example setup as reference (every batch padded to max_len 64, batch 32, a fresh model and
-PrivacyEngine per round). Plus this machine's fp32
+ratios): fedllm without DP; fedllm with DP, its per-sample gradients from fedllm's own tensor
+hooks on the linear layers (fedllm.grad_sample, "linear-hooks", the default for LoRA), from
+Opacus' module hooks ("hooks"), or Opacus ghost clipping; the head alone with and without DP
+(LoRA at learning rate 0: a DP linear probe of the frozen encoder, reported apart since it
+trains less); FFA-LoRA with and without DP (lora.freeze_a: A fixed, B and the head trained;
+reported apart); and the common example setup as reference (every batch padded to max_len 64,
+batch 32, a fresh model and PrivacyEngine per round). Plus this machine's fp32
 matmul ceiling and the model's training FLOPs per token, giving the fraction of the ceiling
 reached without DP.
 
@@ -154,19 +155,22 @@ def main(argv: list[str] | None = None) -> dict:
     warm = TokenizedDataset(ds.input_ids[:physical], labels[:physical])
     train_local(lm, warm, epochs=1, batch_size=physical, physical_batch_size=physical,
                 learning_rate=1e-3, dp=DPParams(1.0, 1.0), seed=0, clipping="hooks")
+    train_local(lm, warm, epochs=1, batch_size=physical, physical_batch_size=physical,
+                learning_rate=1e-3, dp=DPParams(1.0, 1.0), seed=0, clipping="linear-hooks")
     lm.load_adapter_state(initial)
 
     # LoRA + head (the targets' workload), then the head alone (LoRA at rate 0: a DP linear
     # probe of the frozen encoder, no backward through it), reported apart: it trains less.
     variants: dict[str, dict[str, Any]] = {
         "no_dp": {"dp": None, "clipping": "auto", "lr": 1e-3},
+        "dp_linear_hooks": {"dp": DPParams(1.0, 1.0), "clipping": "linear-hooks", "lr": 1e-3},
         "dp_hooks": {"dp": DPParams(1.0, 1.0), "clipping": "hooks", "lr": 1e-3},
         "dp_ghost": {"dp": DPParams(1.0, 1.0), "clipping": "ghost", "lr": 1e-3},
         "head_only_no_dp": {"dp": None, "clipping": "auto", "lr": 0.0},
-        "head_only_dp": {"dp": DPParams(1.0, 1.0), "clipping": "hooks", "lr": 0.0},
+        "head_only_dp": {"dp": DPParams(1.0, 1.0), "clipping": "auto", "lr": 0.0},
         # lora.freeze_a (FFA-LoRA): B and the head train, A is fixed; reported apart too.
         "ffa_no_dp": {"dp": None, "clipping": "auto", "lr": 1e-3, "freeze_a": True},
-        "ffa_dp": {"dp": DPParams(1.0, 1.0), "clipping": "hooks", "lr": 1e-3,
+        "ffa_dp": {"dp": DPParams(1.0, 1.0), "clipping": "auto", "lr": 1e-3,
                    "freeze_a": True},
     }
     best: dict[str, dict[str, float]] = {}
@@ -178,9 +182,12 @@ def main(argv: list[str] | None = None) -> dict:
                             learning_rate=v["lr"], head_learning_rate=1e-3, dp=v["dp"],
                             seed=args.seed + rep, clipping=v["clipping"])
             sps, tps = r.samples / r.seconds, r.tokens / r.seconds
+            # Best of the repeats, samples/s and tokens/s each on its own.
+            top_tps = max(tps, best[name]["tokens_per_s"]) if name in best else tps
             if name not in best or sps > best[name]["samples_per_s"]:
-                best[name] = {"samples_per_s": sps, "tokens_per_s": tps, "seconds": r.seconds,
+                best[name] = {"samples_per_s": sps, "seconds": r.seconds,
                               "samples": r.samples}
+            best[name]["tokens_per_s"] = top_tps
     ref_rounds = 1
     ref = run_reference(texts, labels, rounds=ref_rounds, seed=args.seed)
     best["reference"] = {"samples_per_s": ref["samples"] / ref["seconds"],
@@ -190,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     flops_tok = train_flops_per_token(lm, ds)
     ceiling = matmul_ceiling_gflops(seconds=0.5 if args.smoke else 2.0)
     no_dp_gflops = best["no_dp"]["tokens_per_s"] * flops_tok / 1e9
-    best_dp = max(("dp_hooks", "dp_ghost"), key=lambda k: best[k]["samples_per_s"])
+    best_dp = max(("dp_linear_hooks", "dp_hooks", "dp_ghost"),
+                  key=lambda k: best[k]["samples_per_s"])
     result = {
         "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
         "config": {"examples": len(ds), "batch_size": batch, "physical_batch_size": physical,
@@ -205,12 +213,19 @@ def main(argv: list[str] | None = None) -> dict:
         "best_dp_variant": best_dp,
         "dp_vs_nodp_ratio": round(best[best_dp]["samples_per_s"]
                                   / best["no_dp"]["samples_per_s"], 3),
+        # The same on non-padding tokens/s: Poisson sampling draws a different number and mix
+        # of examples each run (a round's DP tokens per example vary by a few %), which the
+        # samples/s ratio counts as speed.
+        "dp_vs_nodp_token_ratio": round(best[best_dp]["tokens_per_s"]
+                                        / best["no_dp"]["tokens_per_s"], 3),
         "vs_reference": round(best["no_dp"]["samples_per_s"]
                               / best["reference"]["samples_per_s"], 2),
         "dp_vs_reference": round(best[best_dp]["samples_per_s"]
                                  / best["reference"]["samples_per_s"], 2),
         "ghost_vs_hooks": round(best["dp_ghost"]["samples_per_s"]
                                 / best["dp_hooks"]["samples_per_s"], 3),
+        "linear_hooks_vs_hooks": round(best["dp_linear_hooks"]["samples_per_s"]
+                                       / best["dp_hooks"]["samples_per_s"], 3),
         "head_only": {
             "dp_vs_nodp_ratio": round(best["head_only_dp"]["samples_per_s"]
                                       / best["head_only_no_dp"]["samples_per_s"], 3),

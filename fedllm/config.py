@@ -164,11 +164,13 @@ class TrainConfig(_Frozen):
     learning_rate: float = Field(1e-2, ge=0, le=10)
     weight_decay: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Opacus per-sample clipping: "hooks" (per-sample gradients), "ghost" (ghost clipping: no
-    # per-sample gradients, a second backward pass) or "auto" (hooks while a physical batch of
-    # per-sample gradients is small, as for LoRA; see fedllm.train.choose_clipping). Speed and
-    # memory only: the clipped, noised update is the same.
-    clipping: Literal["auto", "hooks", "ghost"] = "auto"
+    # Per-sample clipping: "linear-hooks" (per-sample gradients of nn.Linear layers from tensor
+    # hooks, fedllm.grad_sample: LoRA + head), "hooks" (Opacus' per-sample gradients, any layer
+    # type), "ghost" (Opacus ghost clipping: no per-sample gradients, a second backward pass)
+    # or "auto" (per-sample gradients while a physical batch of them is small, as for LoRA,
+    # linear-hooks where it applies; see fedllm.train.choose_clipping). Speed and memory only:
+    # the clipped, noised update is the same.
+    clipping: Literal["auto", "linear-hooks", "hooks", "ghost"] = "auto"
     # Local optimizer, fresh each round: AdamW, or SGD (momentum below), whose FedAvg is an
     # exact average of the nodes' gradients (trade-offs: fedllm.train.make_optimizer).
     optimizer: Literal["sgd", "adamw"] = "adamw"
@@ -374,7 +376,7 @@ class RunConfig(_Frozen):
                              f"model.task is {self.model.task!r}")
         if self.grouped_clipping and self.train.clipping == "ghost":
             raise ValueError("privacy.clip_groups='head-lora' needs per-sample gradients: "
-                             "train.clipping 'auto' or 'hooks', not 'ghost'")
+                             "train.clipping 'auto', 'linear-hooks' or 'hooks', not 'ghost'")
         trains = self.train.trained_parts(self.model.task)
         if not trains:
             raise ValueError("train.learning_rate = 0 freezes LoRA, and a "

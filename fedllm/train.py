@@ -30,6 +30,7 @@ from opacus.optimizers.optimizer import (
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedllm import grad_sample
 from fedllm.aggregate import class_stats_weights
 from fedllm.data import Collator, TokenizedDataset
 from fedllm.model import HEAD_MODULE, LoadedModel, SequenceClassifier
@@ -37,7 +38,7 @@ from fedllm.model import HEAD_MODULE, LoadedModel, SequenceClassifier
 if TYPE_CHECKING:
     from fedllm.config import RunConfig, TrainConfig
 
-Clipping = Literal["auto", "hooks", "ghost"]
+Clipping = Literal["auto", "linear-hooks", "hooks", "ghost"]
 Optimizer = Literal["sgd", "adamw"]
 
 # Per-sample gradients (Opacus "hooks") hold one copy of every trainable tensor per example of a
@@ -326,23 +327,25 @@ class GroupedDPOptimizer(DPOptimizer):
 
 def choose_clipping(model: nn.Module, *, physical_batch_size: int, mode: Clipping,
                     grouped: bool = False) -> str:
-    """The Opacus ``grad_sample_mode`` for this model: ``mode`` unless it is ``"auto"``.
+    """The per-sample clipping mode for this model: ``mode`` unless it is ``"auto"``.
 
-    auto: "hooks" while one physical batch of per-sample gradients fits in
+    auto: per-sample gradients while one physical batch of them fits in
     :data:`GHOST_ABOVE_BYTES` (always the case for LoRA adapters), else "ghost" (large trainable
-    parts, e.g. a vocabulary-sized head, where per-sample gradients would not fit).
+    parts, e.g. a vocabulary-sized head, where per-sample gradients would not fit). Per-sample
+    gradients come from "linear-hooks" (:mod:`fedllm.grad_sample`) when every trainable
+    parameter is an ``nn.Linear``'s (LoRA + head), else from Opacus' "hooks".
     ``grouped`` (:class:`GroupedDPOptimizer`) needs the per-sample gradients themselves: auto
-    gives "hooks", and "ghost" is refused.
+    never gives "ghost" then, and "ghost" is refused.
     """
-    if grouped:
-        if mode == "ghost":
-            raise ValueError("grouped clipping (lora_max_grad_norm) needs per-sample gradients "
-                             "(clipping = 'hooks' or 'auto'), not ghost clipping")
-        return "hooks"
+    if grouped and mode == "ghost":
+        raise ValueError("grouped clipping (lora_max_grad_norm) needs per-sample gradients "
+                         "(clipping = 'auto', 'linear-hooks' or 'hooks'), not ghost clipping")
     if mode != "auto":
         return mode
     per_sample = sum(p.numel() * p.element_size() for p in _trainable(model))
-    return "ghost" if per_sample * physical_batch_size > GHOST_ABOVE_BYTES else "hooks"
+    if not grouped and per_sample * physical_batch_size > GHOST_ABOVE_BYTES:
+        return "ghost"
+    return "linear-hooks" if grad_sample.supports(model) else "hooks"
 
 
 def make_optimizer(kind: Optimizer, model: nn.Module, *, learning_rate: float,
@@ -434,9 +437,10 @@ def train_local(
     """Train the adapter of ``loaded.model`` in place on ``dataset``.
 
     ``dp=None`` trains without differential privacy (callers must have an explicit opt-out).
-    ``clipping`` picks Opacus' per-sample clipping ("hooks": per-sample gradients; "ghost":
-    ghost clipping, per-sample norms without materialising them; "auto": see
-    :func:`choose_clipping`). It changes speed and memory, never the maths: both clip each
+    ``clipping`` picks how examples are clipped ("linear-hooks": per-sample gradients of the
+    ``nn.Linear`` layers, :mod:`fedllm.grad_sample`; "hooks": Opacus' per-sample gradients;
+    "ghost": Opacus ghost clipping, per-sample norms without materialising them; "auto": see
+    :func:`choose_clipping`). It changes speed and memory, never the maths: all clip each
     example's gradient to ``max_grad_norm`` before noise.
 
     A rate of 0 (``learning_rate`` for LoRA, ``head_learning_rate`` for the head) freezes that
@@ -530,6 +534,30 @@ def _logical_batches(epoch: Callable[[], Iterator[Any]], *, epochs: int,
                 return
 
 
+def _private_linear_hooks(engine: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
+                          loader: DataLoader, *, dp: DPParams
+                          ) -> tuple[nn.Module, DPOptimizer, Any, Callable[[], None]]:
+    """What ``engine.make_private(grad_sample_mode="hooks", poisson_sampling=True)`` returns,
+    with the per-sample gradients from :class:`fedllm.grad_sample.LinearGradSampler` instead of
+    Opacus' ``GradSampleModule``: the same module validation, Poisson loader (the loader's own
+    generator), ``DPOptimizer`` (mean reduction over the expected batch) and accountant hook.
+    The model itself is returned, not a wrapper."""
+    from opacus.data_loader import DPDataLoader
+
+    engine.validate(module=model, optimizer=optimizer, data_loader=loader)
+    dp_loader = DPDataLoader.from_data_loader(loader)
+    sample_rate = 1.0 / len(loader)
+    dp_opt = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier,
+                         max_grad_norm=dp.max_grad_norm,
+                         expected_batch_size=int(len(loader.dataset) * sample_rate),  # type: ignore[arg-type]
+                         loss_reduction="mean")
+    dp_opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    # Last, so nothing can fail with the hooks attached. The training loop backpropagates the
+    # chunk's summed loss in this mode.
+    sampler = grad_sample.LinearGradSampler(model, loss_reduction="sum")
+    return model, dp_opt, dp_loader, sampler.close
+
+
 def _train_dp(
     model: nn.Module,
     dataset: TokenizedDataset,
@@ -559,29 +587,38 @@ def _train_dp(
         # Opacus warns that secure_mode is off (documented in the module docstring).
         warnings.simplefilter("ignore", UserWarning)
         engine = PrivacyEngine(accountant=dp.accountant)
-        private = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode=grad_sample_mode,
-        )
-    # Ghost mode also returns a wrapped criterion; fedllm computes its own per-example losses
-    # (example_losses) and wraps them directly, so that criterion is not used.
-    dp_model, dp_opt, dp_loader = private[0], private[1], private[-1]
-    ghost = grad_sample_mode == "ghost"
+        if grad_sample_mode == "linear-hooks":
+            dp_model, dp_opt, dp_loader, close = _private_linear_hooks(
+                engine, model, optimizer, loader, dp=dp)
+        else:
+            private = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=dp.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode=grad_sample_mode,
+            )
+            # Ghost mode also returns a wrapped criterion; fedllm computes its own per-example
+            # losses (example_losses) and wraps them directly, so that criterion is not used.
+            dp_model, dp_opt, dp_loader = private[0], private[1], private[-1]
+            close = dp_model._close
+    ghost, linear_hooks = grad_sample_mode == "ghost", grad_sample_mode == "linear-hooks"
     sample_rate = 1.0 / len(loader)
     if dp.lora_max_grad_norm is not None:
         # The same wrapped model, loader and accountant; only the clipping and noise differ.
-        dp_opt = GroupedDPOptimizer(
-            optimizer, noise_multiplier=dp.noise_multiplier,
-            expected_batch_size=dp_opt.expected_batch_size,
-            head_params={id(p) for n, p in model.named_parameters()
-                         if p.requires_grad and _is_head(n)},
-            head_max_grad_norm=dp.max_grad_norm, lora_max_grad_norm=dp.lora_max_grad_norm,
-            lora_noise_share=dp.lora_noise_share)
+        try:
+            dp_opt = GroupedDPOptimizer(
+                optimizer, noise_multiplier=dp.noise_multiplier,
+                expected_batch_size=dp_opt.expected_batch_size,
+                head_params={id(p) for n, p in model.named_parameters()
+                             if p.requires_grad and _is_head(n)},
+                head_max_grad_norm=dp.max_grad_norm, lora_max_grad_norm=dp.lora_max_grad_norm,
+                lora_noise_share=dp.lora_noise_share)
+        except BaseException:
+            close()  # no hooks left on the model
+            raise
         dp_opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     lengths = dataset.lengths()
     loss_sum, loss_batches, samples, tokens = 0.0, 0, 0, 0
@@ -613,6 +650,10 @@ def _train_dp(
                         # Two backward passes: per-example norms, then the clipped sum.
                         DPTensorFastGradientClipping(dp_model, dp_opt, losses,
                                                      "mean").backward()
+                    elif linear_hooks:
+                        # The sum: its per-example pieces are the examples' own gradients
+                        # (the sampler's loss_reduction="sum"; no 1/n to undo per layer).
+                        losses.sum().backward()
                     else:
                         losses.mean().backward()
                     dp_opt.step()
@@ -623,9 +664,9 @@ def _train_dp(
                     tokens += int(lengths[chunk].sum())
         history = [(float(s), float(q), int(k)) for s, q, k in engine.accountant.history]
     finally:
-        # Remove Opacus hooks and per-sample grad buffers so the same model object is reused
+        # Remove the hooks and per-sample grad buffers so the same model object is reused
         # next round without growing memory (no model rebuild per round).
-        dp_model._close()
+        close()
         optimizer.zero_grad(set_to_none=True)
     steps = sum(k for _, _, k in history)
     return TrainResult(

@@ -146,9 +146,10 @@ def _manual_clipped_sum(lm, ds, max_grad_norm: float, *,
 PINNED_HEAD_L1 = 0.50541
 
 
-def test_ghost_and_hooks_clip_the_same(setup):
-    """Both Opacus modes give Σ_i clip(g_i), equal to the one-example-at-a-time definition, on
-    8 examples in physical chunks of 3 (accumulation across chunks included)."""
+def test_ghost_hooks_and_linear_hooks_clip_the_same(setup):
+    """Opacus' two modes and fedllm's linear-hooks give Σ_i clip(g_i), equal to the
+    one-example-at-a-time definition, on 8 examples in physical chunks of 3 (accumulation across
+    chunks included)."""
     from torch import nn
 
     lm, ds_all = setup
@@ -160,6 +161,7 @@ def test_ghost_and_hooks_clip_the_same(setup):
         # A small bound so clipping is active for every example (the norms are ~0.1 to 1).
         hooks = _clipped_sum(lm, ds, "hooks", 0.01)
         ghost = _clipped_sum(lm, ds, "ghost", 0.01)
+        linear = _clipped_sum(lm, ds, "linear-hooks", 0.01)
         manual = _manual_clipped_sum(lm, ds, 0.01)
     finally:
         for m, p in drop:
@@ -171,6 +173,7 @@ def test_ghost_and_hooks_clip_the_same(setup):
     assert 0.0 < total_norm <= 8 * 0.01 + 1e-6
     for k in hooks:
         np.testing.assert_allclose(ghost[k], hooks[k], atol=1e-6, rtol=1e-3)
+        np.testing.assert_allclose(linear[k], hooks[k], atol=1e-7, rtol=1e-4)
     assert set(manual) == set(hooks)
     for k in hooks:
         np.testing.assert_allclose(hooks[k], manual[k], atol=1e-6, rtol=1e-3)
@@ -188,6 +191,7 @@ def test_grouped_clipping_clips_head_and_lora_separately(setup):
     lm.load_adapter_state({k: (v + 0.05 if "lora_B" in k else v) for k, v in state.items()})
     try:
         grouped = _clipped_sum(lm, ds, "hooks", 0.01, lora_max_grad_norm=0.002)
+        linear = _clipped_sum(lm, ds, "linear-hooks", 0.01, lora_max_grad_norm=0.002)
         manual = _manual_clipped_sum(lm, ds, 0.01, lora_max_grad_norm=0.002)
         flat = _manual_clipped_sum(lm, ds, 0.01)
     finally:
@@ -195,6 +199,7 @@ def test_grouped_clipping_clips_head_and_lora_separately(setup):
     assert set(grouped) == set(manual)
     for k in grouped:
         np.testing.assert_allclose(grouped[k], manual[k], atol=1e-7, rtol=1e-3)
+        np.testing.assert_allclose(linear[k], manual[k], atol=1e-7, rtol=1e-3)
     # Each group's sum is bounded by its own clip norm times the 8 examples.
     head = math.sqrt(sum(float((v.astype(np.float64) ** 2).sum())
                          for k, v in grouped.items() if "head" in k))
@@ -247,7 +252,7 @@ def test_grouped_round_history_and_ghost_refusal(setup):
     lm.load_adapter_state(before)
     grouped = train_local(lm, ds, dp=DPParams(1.3, 1.0, lora_max_grad_norm=0.1), **kw)
     assert grouped.history == flat.history == [(1.3, pytest.approx(1 / 3), 3)]
-    assert grouped.clipping == "hooks"
+    assert grouped.clipping == "linear-hooks"
     assert any(not np.allclose(before[k], v) for k, v in lm.adapter_state().items())
     lm.load_adapter_state(before)
     with pytest.raises(ValueError, match="ghost"):
@@ -257,20 +262,49 @@ def test_grouped_round_history_and_ghost_refusal(setup):
     assert not any(hasattr(p, "grad_sample") for p in lm.model.parameters())
 
 
-def test_auto_clipping_picks_hooks_for_lora_and_ghost_for_huge_trainables(setup):
+def test_auto_clipping_picks_linear_hooks_for_lora_and_ghost_for_huge_trainables(setup):
     from torch import nn
 
     from fedllm.train import GHOST_ABOVE_BYTES, choose_clipping
 
     lm, _ = setup
-    assert choose_clipping(lm.model, physical_batch_size=64, mode="auto") == "hooks"
+    auto = choose_clipping(lm.model, physical_batch_size=64, mode="auto")
+    assert auto == "linear-hooks"  # LoRA A, B and the head are all nn.Linear
     assert choose_clipping(lm.model, physical_batch_size=64, mode="ghost") == "ghost"
-    assert choose_clipping(lm.model, physical_batch_size=64, mode="auto", grouped=True) == "hooks"
+    assert choose_clipping(lm.model, physical_batch_size=64, mode="hooks") == "hooks"
+    assert choose_clipping(lm.model, physical_batch_size=64, mode="auto",
+                           grouped=True) == "linear-hooks"
     with pytest.raises(ValueError, match="not ghost"):
         choose_clipping(lm.model, physical_batch_size=64, mode="ghost", grouped=True)
     big = nn.Linear(1024, GHOST_ABOVE_BYTES // (4 * 1024 * 8) + 1)  # > budget at batch 8
     assert choose_clipping(big, physical_batch_size=8, mode="auto") == "ghost"
-    assert choose_clipping(big, physical_batch_size=1, mode="auto") == "hooks"
+    assert choose_clipping(big, physical_batch_size=8, mode="auto", grouped=True) == "linear-hooks"
+    assert choose_clipping(big, physical_batch_size=1, mode="auto") == "linear-hooks"
+    # A trainable layer that is not nn.Linear: Opacus' hooks, which cover any layer type.
+    net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    assert choose_clipping(net, physical_batch_size=8, mode="auto") == "hooks"
+
+
+def test_linear_hooks_and_opacus_hooks_train_the_same_round(setup):
+    """Same seed, same Poisson draws, same noise: a whole DP round (σ 1, AdamW, chunks of 16)
+    moves the adapter identically whichever computes the per-sample gradients."""
+    lm, ds = setup
+    before = lm.adapter_state()
+    kw = dict(epochs=1, batch_size=40, physical_batch_size=16, learning_rate=1e-2,
+              dp=DPParams(1.0, 1.0), seed=7)
+    a = train_local(lm, ds, clipping="hooks", **kw)
+    after_hooks = lm.adapter_state()
+    lm.load_adapter_state(before)
+    b = train_local(lm, ds, clipping="linear-hooks", **kw)
+    after_linear = lm.adapter_state()
+    lm.load_adapter_state(before)
+    assert (a.clipping, b.clipping) == ("hooks", "linear-hooks")
+    assert a.history == b.history and a.samples == b.samples
+    assert any(not np.allclose(before[k], after_hooks[k]) for k in before)
+    for k in before:
+        np.testing.assert_allclose(after_linear[k], after_hooks[k], rtol=1e-4, atol=1e-6)
+    assert not any(hasattr(p, "grad_sample") for p in lm.model.parameters())
+    assert not any(m._forward_hooks for m in lm.model.modules())
 
 
 def test_dp_round_counts_samples_and_tokens(setup):

@@ -46,13 +46,16 @@ def test_communication_quick(tmp_path):
 @pytest.mark.slow
 def test_throughput_smoke(tmp_path):
     row = run_bench("throughput", ["--smoke"], tmp_path)
-    assert set(row["samples_per_s"]) == {"no_dp", "dp_hooks", "dp_ghost", "head_only_no_dp",
-                                         "head_only_dp", "ffa_no_dp", "ffa_dp", "reference"}
-    assert row["best_dp_variant"] in ("dp_hooks", "dp_ghost")  # the head alone trains less
+    assert set(row["samples_per_s"]) == {"no_dp", "dp_linear_hooks", "dp_hooks", "dp_ghost",
+                                         "head_only_no_dp", "head_only_dp", "ffa_no_dp",
+                                         "ffa_dp", "reference"}
+    # the head alone trains less
+    assert row["best_dp_variant"] in ("dp_linear_hooks", "dp_hooks", "dp_ghost")
     assert set(row["head_only"]) == {"dp_vs_nodp_ratio", "dp_vs_lora_dp"}
     assert set(row["ffa"]) == {"dp_vs_nodp_ratio", "dp_vs_lora_dp", "no_dp_vs_lora_no_dp"}
     assert all(v > 0 for v in row["samples_per_s"].values())
-    for key in ("dp_vs_nodp_ratio", "ceiling_fraction", "vs_reference"):
+    for key in ("dp_vs_nodp_ratio", "dp_vs_nodp_token_ratio", "linear_hooks_vs_hooks",
+                "ceiling_fraction", "vs_reference"):
         assert row[key] > 0
     # fedllm counts only real tokens: ~13 per SST-2 phrase, far below the reference's 64
     assert row["tokens_per_s"]["no_dp"] / row["samples_per_s"]["no_dp"] < 30
