@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--results-dir", help="where to append the JSON line (default bench/results)")
     args = ap.parse_args(argv)
     n = args.examples or (96 if args.smoke else 384 if args.quick else 2048)
-    repeats = args.repeats or (1 if args.smoke or args.quick else 2)
+    repeats = args.repeats or (1 if args.smoke or args.quick else 4)
     batch = min(args.batch_size, n)
     physical = min(args.physical_batch_size, batch)
     set_threads(args.threads)
@@ -174,14 +174,20 @@ def main(argv: list[str] | None = None) -> dict:
                    "freeze_a": True},
     }
     best: dict[str, dict[str, float]] = {}
+    runs: dict[str, list[float]] = {name: [] for name in variants}  # samples/s per repeat
     for rep in range(repeats):
-        for name, v in variants.items():
+        # Forward, then backward order (ABBA): a machine that speeds up or slows down during
+        # the run favours no variant on average over the repeats.
+        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+        for name in order:
+            v = variants[name]
             lm.load_adapter_state(initial)
             lm.lora_a_frozen = bool(v.get("freeze_a"))  # train_local applies it
             r = train_local(lm, ds, epochs=1, batch_size=batch, physical_batch_size=physical,
                             learning_rate=v["lr"], head_learning_rate=1e-3, dp=v["dp"],
                             seed=args.seed + rep, clipping=v["clipping"])
             sps, tps = r.samples / r.seconds, r.tokens / r.seconds
+            runs[name].append(sps)
             # Best of the repeats, samples/s and tokens/s each on its own.
             top_tps = max(tps, best[name]["tokens_per_s"]) if name in best else tps
             if name not in best or sps > best[name]["samples_per_s"]:
@@ -213,6 +219,12 @@ def main(argv: list[str] | None = None) -> dict:
         "best_dp_variant": best_dp,
         "dp_vs_nodp_ratio": round(best[best_dp]["samples_per_s"]
                                   / best["no_dp"]["samples_per_s"], 3),
+        # Per repeat, the best DP variant against no DP measured next to it (adjacent in the
+        # ABBA order); the median is robust to one repeat hit by machine noise.
+        "dp_vs_nodp_paired": [round(d / b, 3) for d, b in zip(runs[best_dp], runs["no_dp"],
+                                                               strict=True)],
+        "dp_vs_nodp_paired_median": round(float(np.median(
+            [d / b for d, b in zip(runs[best_dp], runs["no_dp"], strict=True)])), 3),
         # The same on non-padding tokens/s: Poisson sampling draws a different number and mix
         # of examples each run (a round's DP tokens per example vary by a few %), which the
         # samples/s ratio counts as speed.

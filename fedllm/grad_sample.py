@@ -74,7 +74,7 @@ class LinearGradSampler:
         self._handles: list[RemovableHandle] = [
             m.register_forward_hook(self._capture) for m in _trainable_linears(model)]
 
-    def _capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+    def _capture(self, module: nn.Linear, inputs: tuple[Any, ...], output: Any) -> None:
         # Evaluation, no_grad, or a layer whose output needs no gradient: nothing to do.
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor)
                 and output.requires_grad):
@@ -82,7 +82,7 @@ class LinearGradSampler:
         x = inputs[0].detach()  # (n, ..., d_in); detached: the hook must not extend the graph
         output.register_hook(self._per_example(module, x))
 
-    def _per_example(self, module: nn.Module,
+    def _per_example(self, module: nn.Linear,
                      x: torch.Tensor) -> Callable[[torch.Tensor], None]:
         def hook(g: torch.Tensor) -> None:  # g: ∂L/∂output, (n, ..., d_out)
             weight, bias = module.weight, module.bias

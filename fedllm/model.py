@@ -189,8 +189,9 @@ def freeze_lora_a(model: nn.Module, *, frozen: bool = True) -> None:
     2024): with A fixed at the seeded random initialisation every party shares, the update
     ΔW = s·B·A is linear in the trained B, so FedAvg of the nodes' B is exactly the average of
     their ΔW (training both, avg(B)·avg(A) ≠ avg(B·A) on heterogeneous nodes), and DP-SGD noises
-    half as many LoRA coordinates for the same clipped signal. Opacus hooks only modules with
-    trainable parameters, so the A modules also cost no per-sample gradients.
+    half as many LoRA coordinates for the same clipped signal. Per-sample gradients are
+    computed only for trainable parameters (fedllm.grad_sample and Opacus' hooks alike), so
+    the A modules also cost none.
     """
     for name, p in model.named_parameters():
         if is_lora_a(name):
