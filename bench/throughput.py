@@ -6,10 +6,11 @@ hooks on the linear layers (fedllm.grad_sample, "linear-hooks", the default for 
 Opacus' module hooks ("hooks"), or Opacus ghost clipping; the head alone with and without DP
 (LoRA at learning rate 0: a DP linear probe of the frozen encoder, reported apart since it
 trains less); FFA-LoRA with and without DP (lora.freeze_a: A fixed, B and the head trained;
-reported apart); and the common example setup as reference (every batch padded to max_len 64,
-batch 32, a fresh model and PrivacyEngine per round). Plus this machine's fp32
-matmul ceiling and the model's training FLOPs per token, giving the fraction of the ceiling
-reached without DP.
+reported apart); no DP and DP linear-hooks with the forward pass in bf16 (train.precision,
+reported apart against their fp32 twins and a bf16 matmul ceiling); and the common example
+setup as reference (every batch padded to max_len 64, batch 32, a fresh model and
+PrivacyEngine per round). Plus this machine's fp32 matmul ceiling and the model's training
+FLOPs per token, giving the fraction of the ceiling reached without DP.
 
     python -m bench.throughput [--quick | --smoke]
 """
@@ -34,9 +35,11 @@ from fedllm.train import DPParams, example_losses, train_local
 LABELS = ("0", "1")
 
 
-def matmul_ceiling_gflops(size: int = 2048, seconds: float = 2.0) -> float:
-    """Best fp32 GFLOP/s of a large square matmul on this machine (torch's current threads)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_ceiling_gflops(size: int = 2048, seconds: float = 2.0,
+                          dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of a large square matmul in ``dtype`` on this machine (torch's current
+    threads)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)  # warm-up: thread pool, caches
     best = 0.0
     t_end = time.perf_counter() + seconds
@@ -155,8 +158,10 @@ def main(argv: list[str] | None = None) -> dict:
     warm = TokenizedDataset(ds.input_ids[:physical], labels[:physical])
     train_local(lm, warm, epochs=1, batch_size=physical, physical_batch_size=physical,
                 learning_rate=1e-3, dp=DPParams(1.0, 1.0), seed=0, clipping="hooks")
-    train_local(lm, warm, epochs=1, batch_size=physical, physical_batch_size=physical,
-                learning_rate=1e-3, dp=DPParams(1.0, 1.0), seed=0, clipping="linear-hooks")
+    for precision in ("fp32", "bf16"):  # (bf16: oneDNN builds its kernels on first use)
+        train_local(lm, warm, epochs=1, batch_size=physical, physical_batch_size=physical,
+                    learning_rate=1e-3, dp=DPParams(1.0, 1.0), seed=0,
+                    clipping="linear-hooks", precision=precision)
     lm.load_adapter_state(initial)
 
     # LoRA + head (the targets' workload), then the head alone (LoRA at rate 0: a DP linear
@@ -172,6 +177,11 @@ def main(argv: list[str] | None = None) -> dict:
         "ffa_no_dp": {"dp": None, "clipping": "auto", "lr": 1e-3, "freeze_a": True},
         "ffa_dp": {"dp": DPParams(1.0, 1.0), "clipping": "auto", "lr": 1e-3,
                    "freeze_a": True},
+        # train.precision = "bf16" (autocast forward; per-example gradients and clip norms in
+        # fp32): the auto default on CUDA, opt-in on CPU; reported apart.
+        "no_dp_bf16": {"dp": None, "clipping": "auto", "lr": 1e-3, "precision": "bf16"},
+        "dp_linear_hooks_bf16": {"dp": DPParams(1.0, 1.0), "clipping": "linear-hooks",
+                                 "lr": 1e-3, "precision": "bf16"},
     }
     best: dict[str, dict[str, float]] = {}
     runs: dict[str, list[float]] = {name: [] for name in variants}  # samples/s per repeat
@@ -185,7 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
             lm.lora_a_frozen = bool(v.get("freeze_a"))  # train_local applies it
             r = train_local(lm, ds, epochs=1, batch_size=batch, physical_batch_size=physical,
                             learning_rate=v["lr"], head_learning_rate=1e-3, dp=v["dp"],
-                            seed=args.seed + rep, clipping=v["clipping"])
+                            seed=args.seed + rep, clipping=v["clipping"],
+                            precision=v.get("precision", "fp32"))
             sps, tps = r.samples / r.seconds, r.tokens / r.seconds
             runs[name].append(sps)
             # Best of the repeats, samples/s and tokens/s each on its own.
@@ -202,9 +213,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     flops_tok = train_flops_per_token(lm, ds)
     ceiling = matmul_ceiling_gflops(seconds=0.5 if args.smoke else 2.0)
+    ceiling_bf16 = matmul_ceiling_gflops(seconds=0.5 if args.smoke else 2.0,
+                                         dtype=torch.bfloat16)
     no_dp_gflops = best["no_dp"]["tokens_per_s"] * flops_tok / 1e9
     best_dp = max(("dp_linear_hooks", "dp_hooks", "dp_ghost"),
                   key=lambda k: best[k]["samples_per_s"])
+    # Per repeat, the best DP variant against no DP measured next to it (adjacent in the ABBA
+    # order); the median is robust to one repeat hit by machine noise.
+    paired = [d / b for d, b in zip(runs[best_dp], runs["no_dp"], strict=True)]
+
+    def ratio(a: str, b: str, digits: int = 3) -> float:
+        return round(best[a]["samples_per_s"] / best[b]["samples_per_s"], digits)
     result = {
         "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
         "config": {"examples": len(ds), "batch_size": batch, "physical_batch_size": physical,
@@ -217,39 +236,32 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_s": {k: round(v["tokens_per_s"], 1) for k, v in best.items()},
         "seconds": {k: round(v["seconds"], 2) for k, v in best.items()},
         "best_dp_variant": best_dp,
-        "dp_vs_nodp_ratio": round(best[best_dp]["samples_per_s"]
-                                  / best["no_dp"]["samples_per_s"], 3),
-        # Per repeat, the best DP variant against no DP measured next to it (adjacent in the
-        # ABBA order); the median is robust to one repeat hit by machine noise.
-        "dp_vs_nodp_paired": [round(d / b, 3) for d, b in zip(runs[best_dp], runs["no_dp"],
-                                                               strict=True)],
-        "dp_vs_nodp_paired_median": round(float(np.median(
-            [d / b for d, b in zip(runs[best_dp], runs["no_dp"], strict=True)])), 3),
+        "dp_vs_nodp_ratio": ratio(best_dp, "no_dp"),
+        "dp_vs_nodp_paired": [round(x, 3) for x in paired],
+        "dp_vs_nodp_paired_median": round(float(np.median(paired)), 3),
         # The same on non-padding tokens/s: Poisson sampling draws a different number and mix
         # of examples each run (a round's DP tokens per example vary by a few %), which the
         # samples/s ratio counts as speed.
         "dp_vs_nodp_token_ratio": round(best[best_dp]["tokens_per_s"]
                                         / best["no_dp"]["tokens_per_s"], 3),
-        "vs_reference": round(best["no_dp"]["samples_per_s"]
-                              / best["reference"]["samples_per_s"], 2),
-        "dp_vs_reference": round(best[best_dp]["samples_per_s"]
-                                 / best["reference"]["samples_per_s"], 2),
-        "ghost_vs_hooks": round(best["dp_ghost"]["samples_per_s"]
-                                / best["dp_hooks"]["samples_per_s"], 3),
-        "linear_hooks_vs_hooks": round(best["dp_linear_hooks"]["samples_per_s"]
-                                       / best["dp_hooks"]["samples_per_s"], 3),
-        "head_only": {
-            "dp_vs_nodp_ratio": round(best["head_only_dp"]["samples_per_s"]
-                                      / best["head_only_no_dp"]["samples_per_s"], 3),
-            "dp_vs_lora_dp": round(best["head_only_dp"]["samples_per_s"]
-                                   / best[best_dp]["samples_per_s"], 2)},
-        "ffa": {
-            "dp_vs_nodp_ratio": round(best["ffa_dp"]["samples_per_s"]
-                                      / best["ffa_no_dp"]["samples_per_s"], 3),
-            "dp_vs_lora_dp": round(best["ffa_dp"]["samples_per_s"]
-                                   / best[best_dp]["samples_per_s"], 3),
-            "no_dp_vs_lora_no_dp": round(best["ffa_no_dp"]["samples_per_s"]
-                                         / best["no_dp"]["samples_per_s"], 3)},
+        "vs_reference": ratio("no_dp", "reference", 2),
+        "dp_vs_reference": ratio(best_dp, "reference", 2),
+        "ghost_vs_hooks": ratio("dp_ghost", "dp_hooks"),
+        "linear_hooks_vs_hooks": ratio("dp_linear_hooks", "dp_hooks"),
+        "head_only": {"dp_vs_nodp_ratio": ratio("head_only_dp", "head_only_no_dp"),
+                      "dp_vs_lora_dp": ratio("head_only_dp", best_dp, 2)},
+        "ffa": {"dp_vs_nodp_ratio": ratio("ffa_dp", "ffa_no_dp"),
+                "dp_vs_lora_dp": ratio("ffa_dp", best_dp),
+                "no_dp_vs_lora_no_dp": ratio("ffa_no_dp", "no_dp")},
+        "bf16": {"no_dp_vs_fp32": ratio("no_dp_bf16", "no_dp"),
+                 "dp_vs_fp32": ratio("dp_linear_hooks_bf16", "dp_linear_hooks"),
+                 "dp_vs_nodp_ratio": ratio("dp_linear_hooks_bf16", "no_dp_bf16"),
+                 "dp_vs_nodp_paired_median": round(float(np.median(
+                     [d / b for d, b in zip(runs["dp_linear_hooks_bf16"], runs["no_dp_bf16"],
+                                            strict=True)])), 3),
+                 "matmul_ceiling_gflops": round(ceiling_bf16, 1),
+                 "ceiling_fraction": round(best["no_dp_bf16"]["tokens_per_s"] * flops_tok
+                                           / 1e9 / ceiling_bf16, 3)},
         "matmul_ceiling_gflops": round(ceiling, 1),
         "train_flops_per_token": round(flops_tok),
         "no_dp_gflops": round(no_dp_gflops, 2),

@@ -171,6 +171,11 @@ class TrainConfig(_Frozen):
     # linear-hooks where it applies; see fedllm.train.choose_clipping). Speed and memory only:
     # the clipped, noised update is the same.
     clipping: Literal["auto", "linear-hooks", "hooks", "ghost"] = "auto"
+    # Forward-pass precision: "bf16" (torch.autocast; parameters, optimizer state and per-example
+    # gradients stay fp32), "fp32", or "auto" (bf16 on a CUDA GPU that supports it, fp32 on
+    # CPU). Under DP, bf16 needs clipping "linear-hooks" (or "auto" resolving to it), which
+    # computes the clip norms in fp32; fedllm.train.choose_precision.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Local optimizer, fresh each round: AdamW, or SGD (momentum below), whose FedAvg is an
     # exact average of the nodes' gradients (trade-offs: fedllm.train.make_optimizer).
     optimizer: Literal["sgd", "adamw"] = "adamw"
@@ -377,6 +382,11 @@ class RunConfig(_Frozen):
         if self.grouped_clipping and self.train.clipping == "ghost":
             raise ValueError("privacy.clip_groups='head-lora' needs per-sample gradients: "
                              "train.clipping 'auto', 'linear-hooks' or 'hooks', not 'ghost'")
+        if (self.train.precision == "bf16" and self.privacy.enabled
+                and self.train.clipping in ("hooks", "ghost")):
+            raise ValueError(f"train.precision='bf16' under DP needs train.clipping 'auto' or "
+                             f"'linear-hooks' (clip norms in fp32), not "
+                             f"{self.train.clipping!r} (norms from bf16 tensors)")
         trains = self.train.trained_parts(self.model.task)
         if not trains:
             raise ValueError("train.learning_rate = 0 freezes LoRA, and a "

@@ -38,7 +38,11 @@ def supports(model: nn.Module) -> bool:
     """True when every trainable parameter of ``model`` is the weight or bias of an
     ``nn.Linear`` (LoRA's A and B, a linear head), so :class:`LinearGradSampler` computes all
     of its per-example gradients."""
-    covered = {id(p) for m in _trainable_linears(model) for p in m.parameters(recurse=False)}
+    return _covers(model, _trainable_linears(model))
+
+
+def _covers(model: nn.Module, linears: list[nn.Linear]) -> bool:
+    covered = {id(p) for m in linears for p in m.parameters(recurse=False)}
     trainable = [p for p in model.parameters() if p.requires_grad]
     return bool(trainable) and all(id(p) in covered for p in trainable)
 
@@ -59,7 +63,8 @@ class LinearGradSampler:
 
     def __init__(self, model: nn.Module, *,
                  loss_reduction: Literal["mean", "sum"] = "mean") -> None:
-        if not supports(model):
+        linears = _trainable_linears(model)
+        if not _covers(model, linears):
             bad = sorted({type(m).__name__ for m in model.modules()
                           if not isinstance(m, nn.Linear)
                           and any(p.requires_grad for p in m.parameters(recurse=False))})
@@ -69,10 +74,10 @@ class LinearGradSampler:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', not {loss_reduction!r}")
         self._mean = loss_reduction == "mean"
-        self._params = [p for m in _trainable_linears(model)
-                        for p in m.parameters(recurse=False) if p.requires_grad]
+        self._params = [p for m in linears for p in m.parameters(recurse=False)
+                        if p.requires_grad]
         self._handles: list[RemovableHandle] = [
-            m.register_forward_hook(self._capture) for m in _trainable_linears(model)]
+            m.register_forward_hook(self._capture) for m in linears]
 
     def _capture(self, module: nn.Linear, inputs: tuple[Any, ...], output: Any) -> None:
         # Evaluation, no_grad, or a layer whose output needs no gradient: nothing to do.
@@ -85,24 +90,32 @@ class LinearGradSampler:
     def _per_example(self, module: nn.Linear,
                      x: torch.Tensor) -> Callable[[torch.Tensor], None]:
         def hook(g: torch.Tensor) -> None:  # g: ∂L/∂output, (n, ..., d_out)
-            weight, bias = module.weight, module.bias
-            n = g.shape[0]
-            g, xw = _as(g, weight.dtype), _as(x, weight.dtype)  # autocast may differ
-            if g.dim() == 2:  # (n, d_out) x (n, d_in): one position per example
-                gw = g.unsqueeze(2) * xw.unsqueeze(1)  # (n, d_out, d_in)
-                gb = g * n if self._mean else g.clone()  # never keep autograd's own tensor
-            else:  # positions t flattened: (n, d_out, T) @ (n, T, d_in)
-                g3 = g.reshape(n, -1, g.shape[-1])
-                gw = torch.bmm(g3.transpose(1, 2), xw.reshape(n, -1, xw.shape[-1]))
-                gb = g3.sum(dim=1)  # (n, d_out)
-                if self._mean:
-                    gb.mul_(n)
-            if self._mean:
-                gw.mul_(n)
-            _accumulate(weight, gw)
-            if isinstance(bias, torch.Tensor):
-                _accumulate(bias, gb)
+            # In the parameter's dtype (fp32 under bf16 autocast, where x and g arrive in
+            # bf16): DP-SGD's clip norms are computed from these and must not be rounded, so
+            # autocast is off here too (a backward pass run inside autocast would otherwise
+            # turn this bmm back into bf16).
+            with torch.autocast(device_type=g.device.type, enabled=False):
+                self._add(module, x, g)
         return hook
+
+    def _add(self, module: nn.Linear, x: torch.Tensor, g: torch.Tensor) -> None:
+        weight, bias = module.weight, module.bias
+        n = g.shape[0]
+        g, xw = _as(g, weight.dtype), _as(x, weight.dtype)
+        if g.dim() == 2:  # (n, d_out) x (n, d_in): one position per example
+            gw = g.unsqueeze(2) * xw.unsqueeze(1)  # (n, d_out, d_in)
+            gb = g * n if self._mean else g.clone()  # never keep autograd's own tensor
+        else:  # positions t flattened: (n, d_out, T) @ (n, T, d_in)
+            g3 = g.reshape(n, -1, g.shape[-1])
+            gw = torch.bmm(g3.transpose(1, 2), xw.reshape(n, -1, xw.shape[-1]))
+            gb = g3.sum(dim=1)  # (n, d_out)
+            if self._mean:
+                gb.mul_(n)
+        if self._mean:
+            gw.mul_(n)
+        _accumulate(weight, gw)
+        if isinstance(bias, torch.Tensor):
+            _accumulate(bias, gb)
 
     def close(self) -> None:
         for h in self._handles:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 Clipping = Literal["auto", "linear-hooks", "hooks", "ghost"]
 Optimizer = Literal["sgd", "adamw"]
+Precision = Literal["auto", "fp32", "bf16"]
 
 # Per-sample gradients (Opacus "hooks") hold one copy of every trainable tensor per example of a
 # physical batch. Below this many bytes they are cheap (LoRA: r * (d_in + d_out) per layer) and
@@ -96,6 +97,7 @@ class TrainResult:
     samples: int = 0  # examples processed (forward + backward) this round
     tokens: int = 0  # non-padding tokens processed this round
     clipping: str | None = None  # Opacus per-sample clipping mode used; None when DP is off
+    precision: str = "fp32"  # forward-pass precision used (choose_precision)
 
 
 def example_losses(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
@@ -348,6 +350,36 @@ def choose_clipping(model: nn.Module, *, physical_batch_size: int, mode: Clippin
     return "linear-hooks" if grad_sample.supports(model) else "hooks"
 
 
+def choose_precision(mode: Precision, *, device: torch.device, clipping: str | None) -> str:
+    """The forward pass's precision: ``mode`` unless it is ``"auto"``; ``clipping`` is the
+    resolved per-sample mode (:func:`choose_clipping`), None without DP.
+
+    "bf16" runs the forward pass under ``torch.autocast`` in bfloat16 (no loss scaling needed,
+    unlike fp16); parameters, optimizer state and the per-example losses stay fp32. Under DP it
+    needs "linear-hooks": :class:`fedllm.grad_sample.LinearGradSampler` computes every
+    per-example gradient in the parameter's dtype (fp32) from the bf16 activations, so the norms
+    that clipping bounds, and with them the sensitivity the accountant assumes, are exact.
+    Opacus' hooks and ghost clipping would compute them from bf16 tensors (a clip factor from a
+    norm rounded to 8 bits can let an example's contribution exceed C), so bf16 is refused
+    there. auto: bf16 on a CUDA device that supports it, where that condition holds; fp32
+    otherwise (on CPU bf16 is opt-in: README "Performance" measures it).
+    """
+    if mode == "auto":
+        return ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported()
+                and clipping in (None, "linear-hooks") else "fp32")
+    if mode == "bf16" and clipping not in (None, "linear-hooks"):
+        raise ValueError(f"precision 'bf16' under DP needs clipping 'linear-hooks' (per-example "
+                         f"gradients and their clip norms in fp32); clipping {clipping!r} would "
+                         "clip norms computed in bf16")
+    return mode
+
+
+def _autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The forward pass's autocast context (a no-op at fp32)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16")
+
+
 def make_optimizer(kind: Optimizer, model: nn.Module, *, learning_rate: float,
                    head_learning_rate: float | None = None, weight_decay: float,
                    momentum: float) -> torch.optim.Optimizer:
@@ -433,6 +465,7 @@ def train_local(
     momentum: float = 0.0,
     head_learning_rate: float | None = None,
     local_steps: int | None = None,
+    precision: Precision = "fp32",
 ) -> TrainResult:
     """Train the adapter of ``loaded.model`` in place on ``dataset``.
 
@@ -449,6 +482,9 @@ def train_local(
 
     ``local_steps``: stop after that many optimizer steps (logical batches; under DP each one
     a Poisson draw at q = batch_size / N, empty draws included) instead of ``epochs`` epochs.
+
+    ``precision``: the forward pass's precision ("bf16": autocast; see
+    :func:`choose_precision`, which also resolves "auto").
     """
     if local_steps is not None and local_steps <= 0:
         raise ValueError("local_steps must be positive")
@@ -470,21 +506,23 @@ def train_local(
         opt = make_optimizer(optimizer, model, learning_rate=learning_rate,
                              head_learning_rate=head_learning_rate, weight_decay=weight_decay,
                              momentum=momentum)
+        mode = None if dp is None else choose_clipping(
+            model, physical_batch_size=physical_batch_size, mode=clipping,
+            grouped=dp.lora_max_grad_norm is not None)
+        resolved = choose_precision(precision, device=device, clipping=mode)
         t0 = time.perf_counter()
         if dp is None:
             result = _train_no_dp(
                 model, dataset, collate, opt, device=device, task=loaded.task, epochs=epochs,
                 batch_size=batch_size, physical_batch_size=physical_batch_size, seed=seed,
-                local_steps=local_steps,
+                local_steps=local_steps, precision=resolved,
             )
         else:
+            assert mode is not None
             result = _train_dp(
                 model, dataset, collate, opt, device=device, task=loaded.task, epochs=epochs,
                 batch_size=batch_size, physical_batch_size=physical_batch_size, dp=dp,
-                seed=seed, local_steps=local_steps,
-                grad_sample_mode=choose_clipping(model, physical_batch_size=physical_batch_size,
-                                                 mode=clipping,
-                                                 grouped=dp.lora_max_grad_norm is not None),
+                seed=seed, local_steps=local_steps, grad_sample_mode=mode, precision=resolved,
             )
     finally:
         _unfreeze(frozen)
@@ -514,6 +552,7 @@ def train_for_run(loaded: LoadedModel, dataset: TokenizedDataset, train: TrainCo
         weight_decay=train.weight_decay, dp=dp, seed=seed, clipping=train.clipping,
         optimizer=train.optimizer, momentum=train.momentum,
         head_learning_rate=train.head_learning_rate, local_steps=train.local_steps,
+        precision=train.precision,
     )
 
 
@@ -573,6 +612,7 @@ def _train_dp(
     seed: int,
     grad_sample_mode: str,
     local_steps: int | None = None,
+    precision: str = "fp32",
 ) -> TrainResult:
     from opacus import PrivacyEngine
     from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
@@ -645,7 +685,8 @@ def _train_dp(
                     batch = _to(collate([dataset[int(i)] for i in chunk]), device)
                     # Mean over the chunk; Opacus rescales per-example grads so the noisy sum is
                     # divided by the *expected* logical batch size, as DP-SGD prescribes.
-                    losses = example_losses(dp_model, batch, task)
+                    with _autocast(precision, device):
+                        losses = example_losses(dp_model, batch, task).float()  # (B,)
                     if ghost:
                         # Two backward passes: per-example norms, then the clipped sum.
                         DPTensorFastGradientClipping(dp_model, dp_opt, losses,
@@ -680,6 +721,7 @@ def _train_dp(
         samples=samples,
         tokens=tokens,
         clipping=grad_sample_mode,
+        precision=precision,
     )
 
 
@@ -696,6 +738,7 @@ def _train_no_dp(
     physical_batch_size: int,
     seed: int,
     local_steps: int | None = None,
+    precision: str = "fp32",
 ) -> TrainResult:
     generator = torch.Generator().manual_seed(seed)
     n = len(dataset)
@@ -713,7 +756,8 @@ def _train_no_dp(
                                    physical_batch_size=physical_batch_size):
             batch = _to(collate([dataset[int(i)] for i in chunk]), device)
             # Weight each chunk by its share so the step uses the logical-batch mean.
-            loss = example_losses(model, batch, task).mean()
+            with _autocast(precision, device):
+                loss = example_losses(model, batch, task).float().mean()
             (loss * (len(chunk) / len(logical))).backward()
             loss_sum += float(loss.detach())
             loss_batches += 1
@@ -729,4 +773,5 @@ def _train_no_dp(
         seconds=0.0,
         samples=samples,
         tokens=tokens,
+        precision=precision,
     )

@@ -130,6 +130,21 @@ def test_feature_centring_is_on_for_dp_classification_only():
         load_config(None, {"train.head_init": "lda"})
 
 
+def test_bf16_precision_under_dp_needs_fp32_clip_norms():
+    assert load_config(None, {}).train.precision == "auto"
+    for clipping in ("auto", "linear-hooks"):
+        cfg = load_config(None, {"train.precision": "bf16", "train.clipping": clipping})
+        assert cfg.train.precision == "bf16"
+    for clipping in ("hooks", "ghost"):
+        with pytest.raises(ConfigError, match=f"bf16.*not '{clipping}'"):
+            load_config(None, {"train.precision": "bf16", "train.clipping": clipping})
+    no_dp = load_config(None, {"train.precision": "bf16", "train.clipping": "hooks",
+                               "privacy.enabled": False, "privacy.allow_no_dp": True})
+    assert no_dp.train.precision == "bf16"
+    with pytest.raises(ConfigError, match="precision"):
+        load_config(None, {"train.precision": "fp16"})
+
+
 def test_grouped_clipping_is_opt_in_for_heads_and_needs_per_sample_gradients():
     from fedllm.train import dp_for_run
 

@@ -62,6 +62,24 @@ def test_matches_one_backward_per_example(reduction):
     assert not any(m._forward_hooks for m in net.modules())
 
 
+def test_under_bf16_autocast_per_example_gradients_are_fp32():
+    """Autocast hands the hooks bf16 inputs and output gradients; the per-example gradients
+    (and so the clip norms computed from them) are in the parameters' fp32, and equal the
+    definition under the same autocast to bf16's precision."""
+    torch.manual_seed(0)
+    net = TwoUse()
+    x, y = torch.randn(5, 4, 5), torch.randint(0, 3, (5,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _per_example(net, x, y)
+        with LinearGradSampler(net, loss_reduction="sum"):
+            nn.functional.cross_entropy(net(x), y, reduction="none").float().sum().backward()
+            got = {n: p.grad_sample for n, p in net.named_parameters() if p.requires_grad}
+    assert set(got) == set(want)
+    for n in want:
+        assert got[n].dtype == torch.float32
+        torch.testing.assert_close(got[n], want[n].float(), rtol=0.05, atol=0.02)
+
+
 def test_a_frozen_weight_leaves_only_the_bias():
     torch.manual_seed(1)
     net = nn.Sequential(nn.Linear(3, 2))

@@ -307,6 +307,77 @@ def test_linear_hooks_and_opacus_hooks_train_the_same_round(setup):
     assert not any(m._forward_hooks for m in lm.model.modules())
 
 
+def _clipped_grads(lm, ds, mode: str, max_grad_norm: float, precision: str) -> np.ndarray:
+    """The gradient DP-SGD steps on with σ = 0 and q = 1 (all of ``ds`` drawn, physical chunks
+    of 3), Σ_i clip(g_i) / N, flattened: read off the inner optimizer just before it steps."""
+    from fedllm.data import Collator
+    from fedllm.train import _train_dp
+
+    state = lm.adapter_state()
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    inner = torch.optim.SGD(params, lr=0.0)
+    seen: list[np.ndarray] = []
+    inner.register_step_pre_hook(lambda *_: seen.append(
+        torch.cat([p.grad.detach().double().ravel() for p in params]).numpy()))
+    lm.model.train()
+    try:
+        r = _train_dp(lm.model, ds, Collator(int(lm.tokenizer.pad_token_id)), inner,
+                      device=lm.device, task=lm.task, epochs=1, batch_size=len(ds),
+                      physical_batch_size=3, dp=DPParams(0.0, max_grad_norm), seed=0,
+                      grad_sample_mode=mode, precision=precision)
+    finally:
+        lm.model.eval()
+        lm.load_adapter_state(state)
+    assert r.precision == precision and len(seen) == 1
+    return seen[0]
+
+
+def test_bf16_forward_keeps_clip_norms_exact_and_is_refused_with_opacus_modes(setup):
+    """Under bf16 autocast fedllm's per-example gradients are fp32 from bf16 activations: one
+    clipped example has norm C to fp32 precision (the sensitivity the accountant assumes), and
+    points where the fp32 gradient does. Opacus' modes would clip bf16 norms: refused."""
+    from torch import nn
+
+    from fedllm.train import choose_precision
+
+    lm, ds_all = setup
+    drop = [(m, m.p) for m in lm.model.modules() if isinstance(m, nn.Dropout)]
+    for m, _ in drop:
+        m.p = 0.0
+    try:
+        one = type(ds_all)(ds_all.input_ids[:1], ds_all.labels[:1])
+        c = 1e-3  # far below the example's gradient norm: it is clipped to exactly C
+        g16 = _clipped_grads(lm, one, "linear-hooks", c, "bf16")
+        g32 = _clipped_grads(lm, one, "linear-hooks", c, "fp32")
+        assert np.linalg.norm(g16) == pytest.approx(c, rel=1e-5)
+        assert np.linalg.norm(g32) == pytest.approx(c, rel=1e-5)
+        cos = float(g16 @ g32 / (np.linalg.norm(g16) * np.linalg.norm(g32)))
+        assert 0.99 < cos < 1 - 1e-9  # the same gradient, computed from bf16 activations
+        eight = type(ds_all)(ds_all.input_ids[:8], ds_all.labels[:8])
+        s16 = _clipped_grads(lm, eight, "linear-hooks", c, "bf16")
+        assert np.linalg.norm(s16) <= c + 1e-9  # the mean of 8 clipped gradients
+    finally:
+        for m, p in drop:
+            m.p = p
+    cpu = torch.device("cpu")
+    assert choose_precision("auto", device=cpu, clipping="linear-hooks") == "fp32"
+    assert choose_precision("bf16", device=cpu, clipping="linear-hooks") == "bf16"
+    assert choose_precision("bf16", device=cpu, clipping=None) == "bf16"  # no DP
+    for mode in ("hooks", "ghost"):
+        with pytest.raises(ValueError, match="bf16.*linear-hooks"):
+            choose_precision("bf16", device=cpu, clipping=mode)
+    before = lm.adapter_state()
+    with pytest.raises(ValueError, match="bf16"):
+        train_local(lm, ds_all, epochs=1, batch_size=40, physical_batch_size=16,
+                    learning_rate=1e-2, dp=DPParams(1.0, 1.0), seed=0, clipping="hooks",
+                    precision="bf16")
+    assert all(np.array_equal(before[k], v) for k, v in lm.adapter_state().items())
+    r = train_local(lm, ds_all, epochs=1, batch_size=40, physical_batch_size=16,
+                    learning_rate=1e-2, dp=None, seed=0, precision="bf16")
+    lm.load_adapter_state(before)
+    assert r.precision == "bf16" and np.isfinite(r.mean_loss)
+
+
 def test_dp_round_counts_samples_and_tokens(setup):
     lm, ds = setup
     before = lm.adapter_state()
