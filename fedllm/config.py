@@ -46,6 +46,12 @@ class ModelConfig(_Frozen):
     # costs ~8 % of a CPU step (bench/throughput.py). None keeps the checkpoint's value (0.1 for
     # MiniLM).
     base_dropout: float | None = Field(0.0, ge=0.0, lt=1.0)
+    # The frozen base's parameter dtype; LoRA, the head, their gradients and the update stay
+    # fp32 (fedllm.model.cast_frozen_base). "bf16" halves the base's memory; DP's clip norms
+    # stay fp32 in every clipping mode. Speed: measured slower on a 2-core AMX CPU with
+    # training's variable shapes (README "Performance"), unmeasured on CUDA. Opt-in: it changes
+    # the base's function by bf16 rounding.
+    base_dtype: Literal["fp32", "bf16"] = "fp32"
 
 
 class LoraConfig(_Frozen):

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from fedllm.config import RunConfig
 
 Task = Literal["seq-cls", "causal-lm"]
+BaseDtype = Literal["fp32", "bf16"]
 HEAD_MODULE = "head"
 FEDLLM_MODEL_FILE = "fedllm_model.json"
 
@@ -119,7 +120,9 @@ class SequenceClassifier(nn.Module):
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The sentence vectors (B, H) the head reads, before centring."""
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = states.last_hidden_state  # (B, T, H)
+        # (B, T, H) in fp32 whatever the base's dtype (model.base_dtype): pooling, the head
+        # and the per-example gradients DP clips stay fp32.
+        hidden = states.last_hidden_state.float()
         if self.pooling in ("mean", "mean-norm"):
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B, H)
@@ -158,6 +161,7 @@ class LoadedModel:
     # LoRA's A matrices stay at their seeded initialisation (lora.freeze_a, FFA-LoRA):
     # only B (and the head) train. See :func:`freeze_lora_a`.
     lora_a_frozen: bool = False
+    base_dtype: BaseDtype = "fp32"  # the frozen base's parameters (:func:`cast_frozen_base`)
 
     def adapter_state(self) -> dict[str, np.ndarray]:
         return adapter_state(self.model)
@@ -174,6 +178,36 @@ class LoadedModel:
         (``disable_adapter()`` on exit, ``set_adapter``), so code that trains calls this first
         instead of trusting ``requires_grad``."""
         freeze_lora_a(self.model, frozen=self.lora_a_frozen)
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """Whether a parameter of a PEFT model is the adapter's (LoRA, or the trainable copy of a
+    ``modules_to_save`` head) rather than the frozen base's."""
+    return "lora_" in name or ".modules_to_save." in name
+
+
+def cast_frozen_base(model: nn.Module, dtype: BaseDtype) -> None:
+    """Store the frozen base's floating-point parameters in ``dtype``; the adapter (LoRA, the
+    head) stays fp32, and so do its gradients, optimizer state and what goes on the wire.
+
+    "bf16" halves the base's memory, and its matmuls run in bf16 where the hardware has it
+    (CUDA; CPUs with AMX or AVX-512 BF16), without autocast's per-call weight casts. PEFT casts
+    a LoRA layer's input to its fp32 weights and its output back to the base's dtype, and
+    :class:`SequenceClassifier` pools in fp32, so every trainable layer sees fp32 inputs and
+    fp32 output gradients (bf16-rounded values): the per-example gradients DP clips, and their
+    norms, are computed in fp32 in every clipping mode. The base's function changes by bf16
+    rounding (~3 significant digits per activation); measured in README "Performance".
+    """
+    target = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    for name, p in model.named_parameters():
+        # The head's frozen original (PEFT's original_module) serves disable_adapter(); it
+        # stays fp32 too, as the pooled features are.
+        if is_adapter_parameter(name) or ".original_module." in name:
+            continue
+        if p.requires_grad:
+            raise ModelError(f"cannot cast {name}: a trainable base parameter")
+        if p.is_floating_point() and p.dtype != target:
+            p.data = p.data.to(target)
 
 
 def is_lora_a(name: str) -> bool:
@@ -225,12 +259,14 @@ def load_model(
     device: torch.device | None = None,
     seed: int = 0,
     lora_freeze_a: bool = False,
+    base_dtype: BaseDtype = "fp32",
 ) -> LoadedModel:
     """Load base weights from a local directory and attach a fresh LoRA adapter.
 
     The adapter initialisation is seeded so every party builds the same starting point.
     ``base_dropout`` sets every dropout of the frozen base (None: keep the checkpoint's).
     ``lora_freeze_a``: train LoRA's B matrices only (FFA-LoRA, :func:`freeze_lora_a`).
+    ``base_dtype``: the frozen base's parameter dtype (:func:`cast_frozen_base`).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -278,6 +314,8 @@ def load_model(
     )
     model = get_peft_model(base, lora_cfg)  # type: ignore[arg-type]
     model.to(device)
+    # After PEFT has built the adapter in fp32 (cast before, LoRA would follow the base dtype).
+    cast_frozen_base(model, base_dtype)
     model.eval()
     loaded = LoadedModel(
         model=model,
@@ -289,6 +327,7 @@ def load_model(
         device=device,
         full_model_bytes=int(full_bytes),
         lora_a_frozen=lora_freeze_a,
+        base_dtype=base_dtype,
     )
     loaded.enforce_frozen()
     return loaded
@@ -302,7 +341,7 @@ def load_run_model(config: RunConfig, label_names: tuple[str, ...]) -> LoadedMod
         m.path, task=m.task, label_names=label_names, pooling=m.pooling, lora_r=lo.r,
         lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
         base_dropout=m.base_dropout, device=resolve_device(config.train.device),
-        seed=config.seed, lora_freeze_a=lo.freeze_a,
+        seed=config.seed, lora_freeze_a=lo.freeze_a, base_dtype=m.base_dtype,
     )
 
 
@@ -460,6 +499,7 @@ def save_adapter(loaded: LoadedModel, out_dir: str | Path) -> Path:
         "base_model_path": loaded.base_path,
         "label_names": list(loaded.label_names),
         "pooling": loaded.pooling,
+        "base_dtype": loaded.base_dtype,
     }
     (out / FEDLLM_MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out
@@ -495,6 +535,8 @@ def load_trained(adapter_dir: str | Path, device: torch.device | None = None) ->
     base.to(device)
     model = PeftModel.from_pretrained(base, str(d))  # type: ignore[arg-type]
     model.to(device)
+    base_dtype = meta.get("base_dtype", "fp32")  # evaluated on the base it was trained on
+    cast_frozen_base(model, base_dtype)
     model.eval()
     return LoadedModel(
         model=model,
@@ -505,4 +547,5 @@ def load_trained(adapter_dir: str | Path, device: torch.device | None = None) ->
         pooling=meta["pooling"],
         device=device,
         full_model_bytes=int(full_bytes),
+        base_dtype=base_dtype,
     )

@@ -110,7 +110,8 @@ def example_losses(model: nn.Module, batch: dict[str, torch.Tensor], task: str) 
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return F.cross_entropy(logits, batch["labels"], reduction="none")  # (B,)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits[:, :-1, :]  # (B, T-1, V): position t predicts token t+1
+    # (B, T-1, V): position t predicts token t+1; fp32 (a bf16 base or autocast gives bf16)
+    logits = out.logits[:, :-1, :].float()
     targets = batch["input_ids"][:, 1:]  # (B, T-1)
     mask = batch["attention_mask"][:, 1:].to(logits.dtype)  # (B, T-1)
     tok_loss = F.cross_entropy(

@@ -132,6 +132,10 @@ def test_feature_centring_is_on_for_dp_classification_only():
 
 def test_bf16_precision_under_dp_needs_fp32_clip_norms():
     assert load_config(None, {}).train.precision == "auto"
+    assert load_config(None, {}).model.base_dtype == "fp32"  # bf16 base: opt-in
+    assert load_config(None, {"model.base_dtype": "bf16"}).model.base_dtype == "bf16"
+    with pytest.raises(ConfigError, match="base_dtype"):
+        load_config(None, {"model.base_dtype": "fp16"})
     for clipping in ("auto", "linear-hooks"):
         cfg = load_config(None, {"train.precision": "bf16", "train.clipping": clipping})
         assert cfg.train.precision == "bf16"

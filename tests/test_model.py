@@ -166,3 +166,54 @@ def test_with_head_replaces_only_the_head_and_checks_it(minilm):
     with pytest.raises(ModelError, match="non-finite"):
         with_head(state, weight=w, bias=np.array([np.nan, 0.0], np.float32))
     minilm.load_adapter_state(state)
+
+
+def test_bf16_base_keeps_the_adapter_fp32_and_the_function_close(minilm, tmp_path):
+    """model.base_dtype = "bf16": the frozen base is stored in bf16 (half its bytes), LoRA (also
+    a frozen FFA-LoRA A) and the head stay fp32, logits come out fp32 and close to the fp32
+    model's; a saved adapter reloads on the base dtype it was trained on."""
+    lm = load_model(None, task="seq-cls", label_names=("0", "1"), seed=0, base_dtype="bf16")
+    ffa = load_model(None, task="seq-cls", label_names=("0", "1"), seed=0, base_dtype="bf16",
+                     lora_freeze_a=True)
+    from fedllm.model import is_adapter_parameter
+
+    for m in (lm, ffa):
+        assert m.base_dtype == "bf16"
+        for n, p in m.model.named_parameters():
+            if is_adapter_parameter(n) or ".original_module." in n:
+                assert p.dtype == torch.float32, n
+            elif p.is_floating_point():
+                assert p.dtype == torch.bfloat16 and not p.requires_grad, n
+        assert all(v.dtype == np.float32 for v in m.adapter_state().values())
+    assert any("lora_A" in n and not p.requires_grad and p.dtype == torch.float32
+               for n, p in ffa.model.named_parameters())  # frozen A: adapter, still fp32
+
+    def base_bytes(m):
+        return sum(p.numel() * p.element_size() for n, p in m.model.named_parameters()
+                   if not is_adapter_parameter(n) and ".original_module." not in n)
+
+    assert base_bytes(lm) * 2 == base_bytes(minilm)
+    assert lm.adapter_state().keys() == minilm.adapter_state().keys()
+    assert all(np.array_equal(v, minilm.adapter_state()[k])  # same seeded start
+               for k, v in lm.adapter_state().items())
+
+    texts = ["a fine film", "awful, boring and far too long", "it is what it is"]
+    ds = tokenize(minilm.tokenizer, texts, np.array([1, 0, 1]), max_length=32)
+    ids = torch.as_tensor(ds.input_ids[1])[None]  # the longest text alone, no padding
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        l16 = lm.model(**batch)
+        # The sentence vectors the head reads (unit norm): bf16 rounding moves them a little.
+        v32 = minilm.model.base_model.model.pooled(**batch)
+        v16 = lm.model.base_model.model.pooled(**batch)
+    assert l16.dtype == v16.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(v16, v32).item()
+    assert 0.999 < cos < 1 - 1e-7  # close, and not the fp32 computation
+
+    rng = np.random.default_rng(1)
+    lm.load_adapter_state({k: v + rng.normal(0, 0.05, v.shape).astype(np.float32)
+                           for k, v in lm.adapter_state().items()})
+    save_adapter(lm, tmp_path / "ad16")
+    back = load_trained(tmp_path / "ad16")
+    assert back.base_dtype == "bf16"
+    assert evaluate(back, ds) == pytest.approx(evaluate(lm, ds))

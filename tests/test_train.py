@@ -598,3 +598,37 @@ def test_freeze_a_trains_b_only_also_after_peft_reactivates_the_adapter(setup):
     finally:
         lm.enforce_frozen()  # lm's own flag: A trainable again for the other tests
     assert all(p.requires_grad for p in a_params)
+
+
+@pytest.mark.parametrize("mode", ["linear-hooks", "hooks"])
+def test_bf16_base_keeps_clip_norms_exact_in_fp32(setup, mode):
+    """model.base_dtype = "bf16": LoRA and the head see fp32 inputs and output gradients, so
+    one clipped example has norm C to fp32 precision in fedllm's and Opacus' per-example modes,
+    pointing where the fp32 model's gradient does; a DP round trains and keeps the adapter fp32."""
+    from torch import nn
+
+    lm32, ds_all = setup
+    lm16 = load_model(None, task="seq-cls", label_names=("0", "1"), seed=0, base_dtype="bf16")
+    drop = [(m, m.p) for lm in (lm32, lm16) for m in lm.model.modules()
+            if isinstance(m, nn.Dropout)]
+    for m, _ in drop:
+        m.p = 0.0
+    try:
+        one = type(ds_all)(ds_all.input_ids[:1], ds_all.labels[:1])
+        c = 1e-3
+        g16 = _clipped_grads(lm16, one, mode, c, "fp32")
+        g32 = _clipped_grads(lm32, one, mode, c, "fp32")
+    finally:
+        for m, p in drop:
+            m.p = p
+    assert g16.shape == g32.shape
+    assert np.linalg.norm(g16) == pytest.approx(c, rel=1e-5)
+    cos = float(g16 @ g32 / (np.linalg.norm(g16) * np.linalg.norm(g32)))
+    assert 0.99 < cos < 1 - 1e-9
+    before = lm16.adapter_state()
+    r = train_local(lm16, ds_all, epochs=1, batch_size=40, physical_batch_size=16,
+                    learning_rate=1e-2, dp=DPParams(1.0, 1.0), seed=0, clipping=mode)
+    after = lm16.adapter_state()
+    assert r.clipping == mode and np.isfinite(r.mean_loss)
+    assert all(v.dtype == np.float32 for v in after.values())
+    assert any(not np.allclose(before[k], after[k]) for k in before)
