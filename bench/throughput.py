@@ -7,7 +7,8 @@ Opacus' module hooks ("hooks"), or Opacus ghost clipping; the head alone with an
 (LoRA at learning rate 0: a DP linear probe of the frozen encoder, reported apart since it
 trains less); FFA-LoRA with and without DP (lora.freeze_a: A fixed, B and the head trained;
 reported apart); no DP and DP linear-hooks with the forward pass in bf16 (train.precision,
-reported apart against their fp32 twins and a bf16 matmul ceiling); and the common example
+reported apart against their fp32 twins and a bf16 matmul ceiling); the same two with the
+frozen base stored in bf16 (model.base_dtype, a second model; adapter fp32); and the common example
 setup as reference (every batch padded to max_len 64, batch 32, a fresh model and
 PrivacyEngine per round). Plus this machine's fp32 matmul ceiling and the model's training
 FLOPs per token, giving the fraction of the ceiling reached without DP.
@@ -29,7 +30,7 @@ import torch
 from bench._common import finish, set_threads, sst2_paths
 from fedllm.config import TrainConfig
 from fedllm.data import Collator, TokenizedDataset, encode_labels, read_table, tokenize
-from fedllm.model import load_model
+from fedllm.model import is_adapter_parameter, load_model
 from fedllm.train import DPParams, example_losses, train_local
 
 LABELS = ("0", "1")
@@ -70,6 +71,12 @@ def train_flops_per_token(lm: Any, ds: TokenizedDataset, samples: int = 64) -> f
     lm.model.zero_grad(set_to_none=True)
     lm.model.eval()
     return counter.get_total_flops() / tokens
+
+
+def base_param_bytes(lm: Any) -> int:
+    """Bytes of the frozen base's parameters (what model.base_dtype changes)."""
+    return sum(p.numel() * p.element_size() for n, p in lm.model.named_parameters()
+               if not is_adapter_parameter(n))
 
 
 def run_reference(texts: list[str], labels: np.ndarray, *, rounds: int, seed: int) -> dict:
@@ -150,6 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
     t_load = time.perf_counter()
     lm = load_model(None, task="seq-cls", label_names=LABELS, seed=args.seed)
     load_seconds = time.perf_counter() - t_load
+    # model.base_dtype = "bf16": the frozen base's weights in bf16, the same seeded adapter.
+    lm16 = load_model(None, task="seq-cls", label_names=LABELS, seed=args.seed,
+                      base_dtype="bf16")
+    models = {"fp32": lm, "bf16": lm16}
     ds = tokenize(lm.tokenizer, texts, labels, max_length=128)
     lengths = ds.lengths()
     initial = lm.adapter_state()
@@ -158,8 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
     warm = TokenizedDataset(ds.input_ids[:physical], labels[:physical])
     train_local(lm, warm, epochs=1, batch_size=physical, physical_batch_size=physical,
                 learning_rate=1e-3, dp=DPParams(1.0, 1.0), seed=0, clipping="hooks")
-    for precision in ("fp32", "bf16"):  # (bf16: oneDNN builds its kernels on first use)
-        train_local(lm, warm, epochs=1, batch_size=physical, physical_batch_size=physical,
+    for m, precision in ((lm, "fp32"), (lm, "bf16"), (lm16, "fp32")):
+        # (bf16: oneDNN builds its kernels on first use)
+        train_local(m, warm, epochs=1, batch_size=physical, physical_batch_size=physical,
                     learning_rate=1e-3, dp=DPParams(1.0, 1.0), seed=0,
                     clipping="linear-hooks", precision=precision)
     lm.load_adapter_state(initial)
@@ -182,6 +194,10 @@ def main(argv: list[str] | None = None) -> dict:
         "no_dp_bf16": {"dp": None, "clipping": "auto", "lr": 1e-3, "precision": "bf16"},
         "dp_linear_hooks_bf16": {"dp": DPParams(1.0, 1.0), "clipping": "linear-hooks",
                                  "lr": 1e-3, "precision": "bf16"},
+        # model.base_dtype = "bf16" (the frozen base stored in bf16, no autocast); apart too.
+        "no_dp_bf16_base": {"dp": None, "clipping": "auto", "lr": 1e-3, "base": "bf16"},
+        "dp_linear_hooks_bf16_base": {"dp": DPParams(1.0, 1.0), "clipping": "linear-hooks",
+                                      "lr": 1e-3, "base": "bf16"},
     }
     best: dict[str, dict[str, float]] = {}
     runs: dict[str, list[float]] = {name: [] for name in variants}  # samples/s per repeat
@@ -191,9 +207,10 @@ def main(argv: list[str] | None = None) -> dict:
         order = list(variants) if rep % 2 == 0 else list(reversed(variants))
         for name in order:
             v = variants[name]
-            lm.load_adapter_state(initial)
-            lm.lora_a_frozen = bool(v.get("freeze_a"))  # train_local applies it
-            r = train_local(lm, ds, epochs=1, batch_size=batch, physical_batch_size=physical,
+            m = models[v.get("base", "fp32")]
+            m.load_adapter_state(initial)
+            m.lora_a_frozen = bool(v.get("freeze_a"))  # train_local applies it
+            r = train_local(m, ds, epochs=1, batch_size=batch, physical_batch_size=physical,
                             learning_rate=v["lr"], head_learning_rate=1e-3, dp=v["dp"],
                             seed=args.seed + rep, clipping=v["clipping"],
                             precision=v.get("precision", "fp32"))
@@ -262,6 +279,11 @@ def main(argv: list[str] | None = None) -> dict:
                  "matmul_ceiling_gflops": round(ceiling_bf16, 1),
                  "ceiling_fraction": round(best["no_dp_bf16"]["tokens_per_s"] * flops_tok
                                            / 1e9 / ceiling_bf16, 3)},
+        "bf16_base": {"no_dp_vs_fp32": ratio("no_dp_bf16_base", "no_dp"),
+                      "dp_vs_fp32": ratio("dp_linear_hooks_bf16_base", "dp_linear_hooks"),
+                      "dp_vs_nodp_ratio": ratio("dp_linear_hooks_bf16_base", "no_dp_bf16_base"),
+                      "base_param_bytes_vs_fp32": round(
+                          base_param_bytes(lm16) / base_param_bytes(lm), 3)},
         "matmul_ceiling_gflops": round(ceiling, 1),
         "train_flops_per_token": round(flops_tok),
         "no_dp_gflops": round(no_dp_gflops, 2),
