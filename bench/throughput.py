@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results-dir", help="where to append the JSON line (default bench/results)")
     args = ap.parse_args(argv)
-    n = args.examples or (96 if args.smoke else 384 if args.quick else 2048)
+    n = args.examples or (96 if args.smoke else 192 if args.quick else 2048)
     repeats = args.repeats or (1 if args.smoke or args.quick else 4)
     batch = min(args.batch_size, n)
     physical = min(args.physical_batch_size, batch)
@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "seconds": ref["seconds"], "samples": ref["samples"]}
 
     flops_tok = train_flops_per_token(lm, ds)
-    ceiling = matmul_ceiling_gflops(seconds=0.5 if args.smoke else 2.0)
-    ceiling_bf16 = matmul_ceiling_gflops(seconds=0.5 if args.smoke else 2.0,
+    ceiling_s = 0.5 if args.smoke else 1.0 if args.quick else 2.0
+    ceiling = matmul_ceiling_gflops(seconds=ceiling_s)
+    ceiling_bf16 = matmul_ceiling_gflops(seconds=ceiling_s,
                                          dtype=torch.bfloat16)
     no_dp_gflops = best["no_dp"]["tokens_per_s"] * flops_tok / 1e9
     best_dp = max(("dp_linear_hooks", "dp_hooks", "dp_ghost"),
