@@ -30,7 +30,7 @@ import torch
 from bench._common import finish, set_threads, sst2_paths
 from fedllm.config import TrainConfig
 from fedllm.data import Collator, TokenizedDataset, encode_labels, read_table, tokenize
-from fedllm.model import is_adapter_parameter, load_model
+from fedllm.model import is_base_parameter, load_model
 from fedllm.train import DPParams, example_losses, train_local
 
 LABELS = ("0", "1")
@@ -76,7 +76,7 @@ def train_flops_per_token(lm: Any, ds: TokenizedDataset, samples: int = 64) -> f
 def base_param_bytes(lm: Any) -> int:
     """Bytes of the frozen base's parameters (what model.base_dtype changes)."""
     return sum(p.numel() * p.element_size() for n, p in lm.model.named_parameters()
-               if not is_adapter_parameter(n))
+               if is_base_parameter(n))
 
 
 def run_reference(texts: list[str], labels: np.ndarray, *, rounds: int, seed: int) -> dict:

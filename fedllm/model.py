@@ -186,6 +186,14 @@ def is_adapter_parameter(name: str) -> bool:
     return "lora_" in name or ".modules_to_save." in name
 
 
+def is_base_parameter(name: str) -> bool:
+    """Whether a parameter of a PEFT model is the frozen base's, the part
+    :func:`cast_frozen_base` stores in ``model.base_dtype``: not the adapter's, and not the
+    head's frozen original (PEFT's ``original_module``, which serves ``disable_adapter()`` and
+    stays fp32, as the pooled features are)."""
+    return not is_adapter_parameter(name) and ".original_module." not in name
+
+
 def cast_frozen_base(model: nn.Module, dtype: BaseDtype) -> None:
     """Store the frozen base's floating-point parameters in ``dtype``; the adapter (LoRA, the
     head) stays fp32, and so do its gradients, optimizer state and what goes on the wire.
@@ -200,9 +208,7 @@ def cast_frozen_base(model: nn.Module, dtype: BaseDtype) -> None:
     """
     target = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     for name, p in model.named_parameters():
-        # The head's frozen original (PEFT's original_module) serves disable_adapter(); it
-        # stays fp32 too, as the pooled features are.
-        if is_adapter_parameter(name) or ".original_module." in name:
+        if not is_base_parameter(name):
             continue
         if p.requires_grad:
             raise ModelError(f"cannot cast {name}: a trainable base parameter")

@@ -175,12 +175,12 @@ def test_bf16_base_keeps_the_adapter_fp32_and_the_function_close(minilm, tmp_pat
     lm = load_model(None, task="seq-cls", label_names=("0", "1"), seed=0, base_dtype="bf16")
     ffa = load_model(None, task="seq-cls", label_names=("0", "1"), seed=0, base_dtype="bf16",
                      lora_freeze_a=True)
-    from fedllm.model import is_adapter_parameter
+    from fedllm.model import is_base_parameter
 
     for m in (lm, ffa):
         assert m.base_dtype == "bf16"
         for n, p in m.model.named_parameters():
-            if is_adapter_parameter(n) or ".original_module." in n:
+            if not is_base_parameter(n):
                 assert p.dtype == torch.float32, n
             elif p.is_floating_point():
                 assert p.dtype == torch.bfloat16 and not p.requires_grad, n
@@ -188,11 +188,9 @@ def test_bf16_base_keeps_the_adapter_fp32_and_the_function_close(minilm, tmp_pat
     assert any("lora_A" in n and not p.requires_grad and p.dtype == torch.float32
                for n, p in ffa.model.named_parameters())  # frozen A: adapter, still fp32
 
-    def base_bytes(m):
-        return sum(p.numel() * p.element_size() for n, p in m.model.named_parameters()
-                   if not is_adapter_parameter(n) and ".original_module." not in n)
+    from bench.throughput import base_param_bytes
 
-    assert base_bytes(lm) * 2 == base_bytes(minilm)
+    assert base_param_bytes(lm) * 2 == base_param_bytes(minilm)
     assert lm.adapter_state().keys() == minilm.adapter_state().keys()
     assert all(np.array_equal(v, minilm.adapter_state()[k])  # same seeded start
                for k, v in lm.adapter_state().items())

@@ -1,9 +1,11 @@
 import math
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from fedllm.data import encode_labels, read_table, tokenize
 from fedllm.model import load_model
@@ -19,6 +21,20 @@ def setup():
                    max_examples=120)
     ds = tokenize(lm.tokenizer, t.texts, encode_labels(t, ("0", "1"), "label"), max_length=64)
     return lm, ds
+
+
+@contextmanager
+def _dropout_off(*models):
+    """Every dropout of the models' modules at p = 0 (a deterministic forward, so two methods
+    or two models see the same gradients), restored afterwards."""
+    drop = [(m, m.p) for lm in models for m in lm.model.modules() if isinstance(m, nn.Dropout)]
+    for m, _ in drop:
+        m.p = 0.0
+    try:
+        yield
+    finally:
+        for m, p in drop:
+            m.p = p
 
 
 def test_dp_round_takes_planned_steps_and_cleans_up(setup):
@@ -150,22 +166,14 @@ def test_ghost_hooks_and_linear_hooks_clip_the_same(setup):
     """Opacus' two modes and fedllm's linear-hooks give Σ_i clip(g_i), equal to the
     one-example-at-a-time definition, on 8 examples in physical chunks of 3 (accumulation across
     chunks included)."""
-    from torch import nn
-
     lm, ds_all = setup
     ds = type(ds_all)(ds_all.input_ids[:8], ds_all.labels[:8])
-    drop = [(m, m.p) for m in lm.model.modules() if isinstance(m, nn.Dropout)]
-    for m, _ in drop:
-        m.p = 0.0  # deterministic forward, so three methods see the same gradients
-    try:
+    with _dropout_off(lm):  # so the four methods see the same gradients
         # A small bound so clipping is active for every example (the norms are ~0.1 to 1).
         hooks = _clipped_sum(lm, ds, "hooks", 0.01)
         ghost = _clipped_sum(lm, ds, "ghost", 0.01)
         linear = _clipped_sum(lm, ds, "linear-hooks", 0.01)
         manual = _manual_clipped_sum(lm, ds, 0.01)
-    finally:
-        for m, p in drop:
-            m.p = p
     assert set(hooks) == set(ghost)
     head = [k for k in hooks if "head" in k and k.endswith("weight")][0]
     # Each clipped gradient has norm ≤ C, so the sum over 8 examples has norm ≤ 8 C.
@@ -263,8 +271,6 @@ def test_grouped_round_history_and_ghost_refusal(setup):
 
 
 def test_auto_clipping_picks_linear_hooks_for_lora_and_ghost_for_huge_trainables(setup):
-    from torch import nn
-
     from fedllm.train import GHOST_ABOVE_BYTES, choose_clipping
 
     lm, _ = setup
@@ -336,15 +342,10 @@ def test_bf16_forward_keeps_clip_norms_exact_and_is_refused_with_opacus_modes(se
     """Under bf16 autocast fedllm's per-example gradients are fp32 from bf16 activations: one
     clipped example has norm C to fp32 precision (the sensitivity the accountant assumes), and
     points where the fp32 gradient does. Opacus' modes would clip bf16 norms: refused."""
-    from torch import nn
-
     from fedllm.train import choose_precision
 
     lm, ds_all = setup
-    drop = [(m, m.p) for m in lm.model.modules() if isinstance(m, nn.Dropout)]
-    for m, _ in drop:
-        m.p = 0.0
-    try:
+    with _dropout_off(lm):
         one = type(ds_all)(ds_all.input_ids[:1], ds_all.labels[:1])
         c = 1e-3  # far below the example's gradient norm: it is clipped to exactly C
         g16 = _clipped_grads(lm, one, "linear-hooks", c, "bf16")
@@ -356,9 +357,6 @@ def test_bf16_forward_keeps_clip_norms_exact_and_is_refused_with_opacus_modes(se
         eight = type(ds_all)(ds_all.input_ids[:8], ds_all.labels[:8])
         s16 = _clipped_grads(lm, eight, "linear-hooks", c, "bf16")
         assert np.linalg.norm(s16) <= c + 1e-9  # the mean of 8 clipped gradients
-    finally:
-        for m, p in drop:
-            m.p = p
     cpu = torch.device("cpu")
     assert choose_precision("auto", device=cpu, clipping="linear-hooks") == "fp32"
     assert choose_precision("bf16", device=cpu, clipping="linear-hooks") == "bf16"
@@ -440,8 +438,6 @@ def test_split_logical_pads_less_than_equal_count_chunks():
 
 
 def test_make_optimizer_gives_the_head_its_own_rate_or_the_shared_one():
-    from torch import nn
-
     from fedllm.train import make_optimizer
 
     model = nn.Module()
@@ -605,22 +601,13 @@ def test_bf16_base_keeps_clip_norms_exact_in_fp32(setup, mode):
     """model.base_dtype = "bf16": LoRA and the head see fp32 inputs and output gradients, so
     one clipped example has norm C to fp32 precision in fedllm's and Opacus' per-example modes,
     pointing where the fp32 model's gradient does; a DP round trains and keeps the adapter fp32."""
-    from torch import nn
-
     lm32, ds_all = setup
     lm16 = load_model(None, task="seq-cls", label_names=("0", "1"), seed=0, base_dtype="bf16")
-    drop = [(m, m.p) for lm in (lm32, lm16) for m in lm.model.modules()
-            if isinstance(m, nn.Dropout)]
-    for m, _ in drop:
-        m.p = 0.0
-    try:
+    with _dropout_off(lm32, lm16):
         one = type(ds_all)(ds_all.input_ids[:1], ds_all.labels[:1])
         c = 1e-3
         g16 = _clipped_grads(lm16, one, mode, c, "fp32")
         g32 = _clipped_grads(lm32, one, mode, c, "fp32")
-    finally:
-        for m, p in drop:
-            m.p = p
     assert g16.shape == g32.shape
     assert np.linalg.norm(g16) == pytest.approx(c, rel=1e-5)
     cos = float(g16 @ g32 / (np.linalg.norm(g16) * np.linalg.norm(g32)))
