@@ -19,14 +19,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fedllm.errors import DataError
+
 Task = Literal["seq-cls", "causal-lm"]
 
 
 MISSING_GROUP = "(missing)"
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and the line/column."""
 
 
 @dataclass(frozen=True)

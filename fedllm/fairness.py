@@ -17,13 +17,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from fairlearn.metrics import (
-    MetricFrame,
-    demographic_parity_difference,
-    demographic_parity_ratio,
-    equalized_odds_difference,
-)
-from sklearn.metrics import accuracy_score
 
 from fedllm.config import BiasConfig
 
@@ -89,6 +82,16 @@ def group_metrics(group_confusion: Mapping[str, np.ndarray] | None, *, source: s
 
     ``group_confusion=None`` -> every metric unavailable with the reason ``unavailable``;
     ``note`` is attached to the aggregate rows (e.g. which nodes lacked the group column)."""
+    # Imported here: fairlearn + sklearn take seconds to import, and the report/CLI paths that
+    # import this module for sort_flagged_first never compute metrics.
+    from fairlearn.metrics import (
+        MetricFrame,
+        demographic_parity_difference,
+        demographic_parity_ratio,
+        equalized_odds_difference,
+    )
+    from sklearn.metrics import accuracy_score
+
     summary = ("demographic_parity_difference", "demographic_parity_ratio",
                "equalized_odds_difference", "accuracy_gap")
     if group_confusion is None:

@@ -25,6 +25,8 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from fedllm.errors import ModelError
+
 if TYPE_CHECKING:
     from fedllm.config import RunConfig
 
@@ -32,10 +34,6 @@ Task = Literal["seq-cls", "causal-lm"]
 BaseDtype = Literal["fp32", "bf16"]
 HEAD_MODULE = "head"
 FEDLLM_MODEL_FILE = "fedllm_model.json"
-
-
-class ModelError(ValueError):
-    """The model directory or its settings cannot be used."""
 
 
 def default_model_path() -> str:

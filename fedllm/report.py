@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from fedllm.errors import ModelError
 from fedllm.fairness import sort_flagged_first
-from fedllm.model import FEDLLM_MODEL_FILE, ModelError
 from fedllm.store import Store
 
 # Utility columns of the report, in order (present ones only).
@@ -162,6 +162,8 @@ def model_card(report: dict[str, Any]) -> str:
 
 def export_adapter(store: Store, run_id: str, out: str | Path) -> Path:
     """Copy the run's final adapter directory to ``out`` and write the model card."""
+    from fedllm.model import FEDLLM_MODEL_FILE  # here: reports never need torch, exports rarely
+
     report = build_report(store, run_id)
     src = Path(report["adapter_path"]) if report["adapter_path"] else None
     if src is None or not (src / FEDLLM_MODEL_FILE).is_file():

@@ -4,6 +4,7 @@ exception (property tests), and at the CLI never a traceback and never a changed
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -95,8 +96,11 @@ def test_cli_bad_inputs_never_traceback_never_touch_the_store(tmp_path, tiny_run
         ["audit", "verify", "no-such-run"],
         ["node", "reset-ledger", "--state-dir", str(tmp_path), "--reason", "x", "--yes"],
     ]
-    for args in cases:
-        proc = run_cli(args, home, timeout=300)
+    # Two at a time: each is its own CLI process, mostly start-up; the store must stay
+    # untouched by all of them (checked once they have all exited).
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = list(pool.map(lambda a: run_cli(a, home, timeout=300), cases))
+    for args, proc in zip(cases, procs, strict=True):
         out = proc.stdout + proc.stderr
         assert proc.returncode == 2, (args, out)
         assert "Traceback" not in out and "error:" in out, (args, out)

@@ -11,8 +11,7 @@ import typer
 from rich.console import Console
 
 from fedllm.config import ConfigError
-from fedllm.data import DataError
-from fedllm.model import ModelError
+from fedllm.errors import DataError, ModelError
 from fedllm.privacy import PrivacyError
 from fedllm.store import StoreError
 

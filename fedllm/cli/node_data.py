@@ -17,7 +17,6 @@ from rich.table import Table
 from fedllm.cli.common import USER_ERRORS, HomeOpt, JsonOpt, err, node_app
 from fedllm.cli.common import console as make_console
 from fedllm.config import load_node_config
-from fedllm.data import read_table
 from fedllm.sealed import SealedDir, SealedError, create_key_file, load_key
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="the node's node.toml")]
@@ -58,6 +57,7 @@ def scan(
 ) -> None:
     """Preview, on this machine only, what the node's redaction and per-user cap would do to
     its data: counts per entity type and a few masked examples (never the detected values)."""
+    from fedllm.data import read_table
     from fedllm.pii import build_redactor, redact_texts
 
     try:

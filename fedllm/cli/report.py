@@ -13,7 +13,7 @@ from rich.table import Table
 
 from fedllm.cli.common import USER_ERRORS, HomeOpt, JsonOpt, app, err, fmt
 from fedllm.cli.common import console as make_console
-from fedllm.model import ModelError
+from fedllm.errors import ModelError
 from fedllm.report import UTILITY_COLUMNS, build_report, export_adapter
 from fedllm.store import Store, default_db_path
 

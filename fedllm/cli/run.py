@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,8 +16,10 @@ from rich.table import Table
 from fedllm.cli.common import USER_ERRORS, HomeOpt, JsonOpt, app, err, fmt
 from fedllm.cli.common import console as make_console
 from fedllm.config import ConfigError, RunConfig, load_config, parse_set_options
-from fedllm.coordinator import RoundReport, RunFailed, RunInterrupted, RunSummary
 from fedllm.store import Store, StoreError, default_db_path, fedllm_home, new_run_id
+
+if TYPE_CHECKING:  # the coordinator pulls in torch and Flower: only `fedllm run` needs them
+    from fedllm.coordinator import RoundReport, RunSummary
 
 
 class ConsoleObserver:
@@ -246,6 +248,7 @@ def run(
 
 def _simulate_and_report(cfg: RunConfig, console: Console, home_dir: Path, run_id: str, *,
                          resume: bool, verbose: bool, as_json: bool) -> None:
+    from fedllm.coordinator import RunFailed, RunInterrupted
     from server.simulation import simulate
 
     observer = ConsoleObserver(console, cfg)
