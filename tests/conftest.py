@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,15 @@ def run_cli(args: list[str], home: Path, timeout: float = 600) -> subprocess.Com
     env = {**os.environ, "FEDLLM_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "fedllm.cli", *args], env=env,
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def run_cli_many(arg_lists: list[list[str]], home: Path, timeout: float = 600
+                 ) -> list[subprocess.CompletedProcess]:
+    """``run_cli`` for each argument list, two processes at a time (results in input order).
+    For independent commands that are mostly CLI start-up or σ calibration: on 2 cores this
+    halves their wall time; none of them may depend on another's effects."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda args: run_cli(args, home, timeout), arg_lists))
 
 
 @pytest.fixture(scope="session")

@@ -4,14 +4,13 @@ exception (property tests), and at the CLI never a traceback and never a changed
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedllm.config import ConfigError, load_config
 from fedllm.data import DataError, read_table
-from tests.conftest import DEMO, run_cli
+from tests.conftest import DEMO, run_cli_many
 
 CELLS = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
 
@@ -98,8 +97,7 @@ def test_cli_bad_inputs_never_traceback_never_touch_the_store(tmp_path, tiny_run
     ]
     # Two at a time: each is its own CLI process, mostly start-up; the store must stay
     # untouched by all of them (checked once they have all exited).
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        procs = list(pool.map(lambda a: run_cli(a, home, timeout=300), cases))
+    procs = run_cli_many(cases, home, timeout=300)
     for args, proc in zip(cases, procs, strict=True):
         out = proc.stdout + proc.stderr
         assert proc.returncode == 2, (args, out)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
 
 from fedllm.privacy import NodeLedger
-from tests.conftest import TINY_RUN_ARGS, run_cli
+from tests.conftest import TINY_RUN_ARGS, run_cli, run_cli_many
 
 
 def test_privacy_ledger_verifies_against_dp_accounting(tiny_run):
@@ -59,10 +58,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     # time: each is mostly σ calibration in its own process.
     variants = [["--json"], ["--json", "-s", "privacy.center_noise_multiplier=1"],
                 ["-s", "privacy.center_noise_multiplier=0.3"]]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        proc, planned_proc, bad = pool.map(
-            lambda extra: run_cli(["run", *TINY_RUN_ARGS, "--dry-run", *extra], tmp_path),
-            variants)
+    proc, planned_proc, bad = run_cli_many(
+        [["run", *TINY_RUN_ARGS, "--dry-run", *extra] for extra in variants], tmp_path)
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     assert len(plan["nodes"]) == 3 and plan["target_epsilon"] == 8
