@@ -45,6 +45,69 @@ def _accountant(name: str) -> Any:
     raise ValueError(f"unknown accountant {name!r} (choose from {', '.join(ACCOUNTANTS)})")
 
 
+# Opacus' RDPAccountant.DEFAULT_ALPHAS (a test pins the two equal).
+RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)]
+                                      + [float(a) for a in range(12, 64)])
+
+
+@lru_cache(maxsize=1024)
+def _unit_rdp(sigma: float, q: float) -> np.ndarray:
+    """RDP of one Poisson-subsampled Gaussian step at every order in RDP_ORDERS.
+
+    Opacus' ``compute_rdp(steps=k)`` is this array times k, and it is the slow part of an ε:
+    at the 99 fractional orders it sums a series in a Python loop (~0.1–0.4 s per (σ, q)).
+    One ε evaluation asks for it several times at the same (σ, q) (the PRV safe-domain bound
+    takes the RDP of the whole history and of each mechanism alone, at two error levels), and
+    a calibration composes the same prior release each time; memoised, each (σ, q) costs it
+    once. Read-only, so the cached array cannot be changed by a caller."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    rdp = np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(RDP_ORDERS)))
+    rdp.flags.writeable = False
+    return rdp
+
+
+def _rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """Opacus' ``RDPAccountant(history).get_epsilon(delta)``, value for value (the same sum of
+    the same arrays, the same conversion), from the memoised per-step RDP."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    rdp = sum([_unit_rdp(sigma, q) * steps for sigma, q, steps in history])
+    eps, _ = get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
+    return float(eps)
+
+
+def _prv_epsilon(history: Sequence[tuple[float, float, int]], delta: float,
+                 eps_error: float) -> float:
+    """Opacus' ``PRVAccountant(history).get_epsilon(delta, eps_error=eps_error)``, value for
+    value: the same discretised privacy loss random variables on the same domain, whose size
+    (Gopi et al., remark 5.6, as Opacus' ``compute_safe_domain_size``) comes from RDP bounds
+    taken here from the memoised per-step RDP instead of recomputed on every call."""
+    from opacus.accountants.analysis.prv import (
+        Domain,
+        PoissonSubsampledGaussianPRV,
+        TruncatedPrivacyRandomVariable,
+        compose_heterogeneous,
+        discretize,
+    )
+
+    delta_error = delta / 1000  # Opacus' default
+    counts = [steps for _, _, steps in history]
+    total = sum(counts)
+    bound = _rdp_epsilon(history, delta_error / 4)
+    for sigma, q, _ in history:
+        bound = max(bound, _rdp_epsilon([(sigma, q, 1)], delta_error / (8 * total)))
+    half_width = max(bound, eps_error) + 3
+    mesh = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
+    domain = Domain.create_aligned(-half_width, half_width, mesh)
+    dprvs = [discretize(TruncatedPrivacyRandomVariable(PoissonSubsampledGaussianPRV(q, sigma),
+                                                       domain.t_min, domain.t_max), domain)
+             for sigma, q, _ in history]
+    dprv = compose_heterogeneous(dprvs=dprvs, num_self_compositions=counts)
+    _, _, eps_upper = dprv.compute_epsilon(delta, delta_error, eps_error)
+    return float(eps_upper)
+
+
 def canonical_history(history: Iterable[tuple[float, float, int]]) -> History:
     """Merge entries with the same (σ, q): composing k then m steps of one mechanism is k+m
     steps of it. A canonical form makes ε independent of how rounds were split."""
@@ -64,23 +127,24 @@ def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float,
         return 0.0
     if any(s == 0 for s, _, _ in history):
         return math.inf  # a noiseless release has no finite ε
-    acc = _accountant(name)
-    acc.history = list(history)
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         # RDP: "optimal order is the largest alpha" only means the bound could be a bit tighter.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         # PRV evaluates log(1 - q) in a branch np.where discards when q = 1 (a release on the
         # whole data, e.g. a private feature mean): harmless division by zero.
-        return _get_epsilon(acc, name, delta)
+        return _get_epsilon(history, name, delta)
 
 
-def _get_epsilon(acc: Any, name: str, delta: float) -> float:
+def _get_epsilon(history: Sequence[tuple[float, float, int]], name: str, delta: float) -> float:
     if name == "prv":
         # PRV's ε is within an *absolute* eps_error. Opacus' default 0.01 is 2 % of ε≈0.5 and
         # 20 % of ε≈0.05, so refine relative to a first estimate: ≤ 0.4 % of ε (≥ 1e-4).
-        rough = float(acc.get_epsilon(delta=delta, eps_error=0.01))
-        return float(acc.get_epsilon(delta=delta,
-                                     eps_error=max(1e-4, min(0.002, 0.004 * rough))))
+        rough = _prv_epsilon(history, delta, 0.01)
+        return _prv_epsilon(history, delta, max(1e-4, min(0.002, 0.004 * rough)))
+    if name == "rdp":
+        return _rdp_epsilon(history, delta)
+    acc = _accountant(name)
+    acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
 
 
@@ -148,8 +212,6 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
     the target holds at the end of the run, not per round. ``prior``: releases composed with
     the steps (e.g. a private feature mean); σ then covers what the target leaves after them.
     """
-    from opacus.accountants.utils import get_noise_multiplier
-
     if steps <= 0:
         raise ValueError("calibration needs a positive number of steps")
     if prior:
@@ -157,10 +219,38 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         # q = 1 (full-batch steps): PRV's harmless log(1 - q), as in _epsilon_cached.
-        return float(get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-            steps=steps, accountant=accountant, epsilon_tolerance=0.01,
-        ))
+        return _bisect_noise(target_epsilon, delta, sample_rate, steps, accountant)
+
+
+def _bisect_noise(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    """Opacus' ``get_noise_multiplier(..., epsilon_tolerance=0.01)``, step for step (the same
+    σ out), with each ε from this module's memoised RDP: double σ from 20 until ε ≤ target,
+    then bisect until ε is within 0.01 below it. ε as Opacus' accountants give it by default
+    (PRV at eps_error 0.01); the refined ε of :func:`compute_epsilon` is what gets recorded."""
+    def eps(sigma: float) -> float:
+        if accountant == "prv":
+            return _prv_epsilon([(sigma, q, steps)], delta, 0.01)
+        if accountant == "rdp":
+            return _rdp_epsilon([(sigma, q, steps)], delta)
+        acc = _accountant(accountant)
+        acc.history = [(sigma, q, steps)]
+        return float(acc.get_epsilon(delta=delta))
+
+    eps_high = math.inf
+    sigma_low, sigma_high = 0.0, 10.0
+    while eps_high > target:
+        sigma_high = 2 * sigma_high
+        eps_high = eps(sigma_high)
+        if sigma_high > 1e6:  # Opacus' MAX_SIGMA
+            raise ValueError("The privacy budget is too low.")
+    while target - eps_high > 0.01:
+        sigma = (sigma_low + sigma_high) / 2
+        e = eps(sigma)
+        if e < target:
+            sigma_high, eps_high = sigma, e
+        else:
+            sigma_low = sigma
+    return sigma_high
 
 
 def _calibrate_after(target: float, delta: float, q: float, steps: int, accountant: str,

@@ -119,6 +119,53 @@ def test_calibration_leaves_room_for_earlier_releases():
                         accountant="prv", prior=prior)
 
 
+# (σ, q, steps) histories as nodes record them: a run's DP-SGD steps, with a class-statistics
+# release (q = 1) before them, and two schedules composed (a run resumed at another σ).
+OPACUS_CASES = [
+    [(0.708, 1 / 12, 36)],
+    [(4.0, 1.0, 1), (0.776, 1 / 12, 36)],
+    [(1.2, 0.02, 300), (0.9, 0.3, 5)],
+]
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha",
+                            "ignore:divide by zero encountered in log")
+@pytest.mark.parametrize("history", OPACUS_CASES)
+def test_epsilon_is_opacus_accountants_value_for_value(history):
+    """fedllm computes PRV and RDP ε from memoised per-step RDP (privacy._unit_rdp) instead of
+    calling Opacus' accountants, which recompute it several times per ε: the numbers must be
+    exactly Opacus', not merely close."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    from fedllm import privacy
+
+    assert list(privacy.RDP_ORDERS) == RDPAccountant.DEFAULT_ALPHAS
+    rdp = RDPAccountant()
+    rdp.history = list(history)
+    assert privacy._rdp_epsilon(history, 1e-5) == rdp.get_epsilon(delta=1e-5)
+    for eps_error in (0.01, 0.002):
+        prv = PRVAccountant()
+        prv.history = list(history)
+        assert privacy._prv_epsilon(history, 1e-5, eps_error) == \
+            prv.get_epsilon(delta=1e-5, eps_error=eps_error)
+    with pytest.raises(ValueError, match="read-only"):
+        privacy._unit_rdp(*history[0][:2])[0] = 0.0  # the cache cannot be corrupted
+
+
+@pytest.mark.parametrize(("accountant", "q", "steps", "target"),
+                         [("prv", 0.1, 10, 3.0), ("rdp", 1 / 12, 36, 8.0),
+                          ("gdp", 0.05, 100, 2.0)])
+def test_calibration_is_opacus_get_noise_multiplier(accountant, q, steps, target):
+    """The same search as Opacus' get_noise_multiplier, on fedllm's memoised ε: the same σ."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    ours = calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps,
+                           accountant=accountant)
+    assert ours == get_noise_multiplier(target_epsilon=target, target_delta=1e-5,
+                                        sample_rate=q, steps=steps, accountant=accountant,
+                                        epsilon_tolerance=0.01)
+
+
 def test_no_noise_means_infinite_epsilon_and_empty_is_zero():
     assert math.isinf(compute_epsilon([(0.0, 0.1, 3)], delta=1e-5, accountant="rdp"))
     assert compute_epsilon([], delta=1e-5, accountant="prv") == 0.0
