@@ -150,3 +150,12 @@ def test_gradsignal_estimator_and_groups():
     name = "base_model.model.encoder.encoder.layer.4.attention.self.value.lora_B.default.weight"
     assert _groups(name) == ["kind:lora_B", "module:attention.self.value", "layer:4"]
     assert _groups("base_model.model.head.modules_to_save.default.weight") == ["head"]
+
+
+@pytest.mark.slow
+def test_accounting_quick(tmp_path):
+    row = run_bench("accounting", ["--quick"], tmp_path)
+    demo = row["scenarios"]["demo_node"]
+    assert demo["same_plan_with_and_without_memo"] and demo["opacus_prv_epsilon_equal"]
+    assert 7.9 < demo["projected_epsilon"][-1] <= 8.0
+    assert len(demo["seconds"]["memo"]) == len(demo["seconds"]["no_memo"]) == 1
