@@ -57,7 +57,7 @@ def opacus_epsilon(p: privacy.DPSGDPlan) -> float:
     acc = PRVAccountant()
     acc.history = history
     rough = acc.get_epsilon(delta=1e-5, eps_error=0.01)
-    return float(acc.get_epsilon(delta=1e-5, eps_error=max(1e-4, min(0.002, 0.004 * rough))))
+    return float(acc.get_epsilon(delta=1e-5, eps_error=privacy.refined_eps_error(rough)))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -135,12 +135,18 @@ def _epsilon_cached(history: tuple[tuple[float, float, int], ...], delta: float,
         return _get_epsilon(history, name, delta)
 
 
-def _get_epsilon(history: Sequence[tuple[float, float, int]], name: str, delta: float) -> float:
+def refined_eps_error(rough: float) -> float:
+    """PRV's ε is within an *absolute* eps_error. Opacus' default 0.01 is 2 % of ε≈0.5 and
+    20 % of ε≈0.05, so fedllm refines relative to a first estimate: ≤ 0.4 % of ε (≥ 1e-4)."""
+    return max(1e-4, min(0.002, 0.004 * rough))
+
+
+def _get_epsilon(history: Sequence[tuple[float, float, int]], name: str, delta: float, *,
+                 refine: bool = True) -> float:
+    """ε by the named accountant; ``refine=False``: PRV at Opacus' default eps_error only."""
     if name == "prv":
-        # PRV's ε is within an *absolute* eps_error. Opacus' default 0.01 is 2 % of ε≈0.5 and
-        # 20 % of ε≈0.05, so refine relative to a first estimate: ≤ 0.4 % of ε (≥ 1e-4).
         rough = _prv_epsilon(history, delta, 0.01)
-        return _prv_epsilon(history, delta, max(1e-4, min(0.002, 0.004 * rough)))
+        return _prv_epsilon(history, delta, refined_eps_error(rough)) if refine else rough
     if name == "rdp":
         return _rdp_epsilon(history, delta)
     acc = _accountant(name)
@@ -227,13 +233,7 @@ def _bisect_noise(target: float, delta: float, q: float, steps: int, accountant:
     then bisect until ε is within 0.01 below it. ε as Opacus' accountants give it by default
     (PRV at eps_error 0.01); the refined ε of :func:`compute_epsilon` is what gets recorded."""
     def eps(sigma: float) -> float:
-        if accountant == "prv":
-            return _prv_epsilon([(sigma, q, steps)], delta, 0.01)
-        if accountant == "rdp":
-            return _rdp_epsilon([(sigma, q, steps)], delta)
-        acc = _accountant(accountant)
-        acc.history = [(sigma, q, steps)]
-        return float(acc.get_epsilon(delta=delta))
+        return _get_epsilon([(sigma, q, steps)], accountant, delta, refine=False)
 
     eps_high = math.inf
     sigma_low, sigma_high = 0.0, 10.0
