@@ -156,6 +156,7 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
     if eps is not None:  # DP settings may be given per ε
         lr, head_lr = per_epsilon(a.dp_lr, eps), per_epsilon(a.dp_head_lr, eps)
         opt, batch = a.dp_optimizer, int(per_epsilon(a.dp_batch_size, eps))
+        rate = per_epsilon(a.dp_sample_rate, eps) if a.dp_sample_rate else None
         lora_clip = per_epsilon(a.dp_lora_clip, eps) if a.dp_lora_clip else None
         lora_clip = lora_clip if lora_clip and lora_clip > 0 else None  # 0: flat clipping
         # 0 (or empty): whole epochs
@@ -163,7 +164,10 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
         rounds = int(per_epsilon(a.dp_rounds, eps)) if a.dp_rounds else a.rounds
     else:
         lr, head_lr, opt, batch = a.lr, a.head_lr, a.optimizer, a.batch_size
-        lora_clip, local_steps, rounds = None, None, a.rounds
+        lora_clip, local_steps, rounds, rate = None, None, a.rounds, None
+    # Each node's logical batch: --dp-sample-rate q gives every node the same q (B_i = q·N_i,
+    # so uneven nodes get the same σ and a large node a large batch); else one B for all.
+    batches = [min(len(ds), max(1, round(rate * len(ds))) if rate else batch) for ds in nodes]
     if eps is None and a.center_nodp:
         # The non-private analogue of the DP settings' start: exact class statistics (σ = 0)
         # centre the head's input and give its start, for centralised and federated alike.
@@ -195,12 +199,12 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
             out.update(_center_and_init(lm, rel, sigma=sigma_c,
                                         head_init=not a.no_head_init, dev=dev))
         if eps is not None:  # σ per node, for the whole run after its feature-mean release
-            sigmas = [plan_dp_sgd(num_examples=len(ds), batch_size=batch,
+            sigmas = [plan_dp_sgd(num_examples=len(ds), batch_size=b,
                                   local_epochs=a.local_epochs, rounds=rounds,
                                   target_epsilon=eps, delta=DELTA, accountant="prv",
                                   project=False, prior=tuple(h),
                                   local_steps=local_steps).noise_multiplier
-                      for ds, h in zip(nodes, histories, strict=True)]
+                      for ds, h, b in zip(nodes, histories, batches, strict=True)]
         if a.local_fraction != 1.0 and (eps is not None or not 0 < a.local_fraction < 1):
             raise SystemExit("--local-fraction is for non-private federated settings, in (0, 1)")
         shares = [_shares(len(ds), a.local_fraction, seed=seed + i) for i, ds in enumerate(nodes)]
@@ -214,7 +218,7 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                 dp = None if eps is None else DPParams(
                     noise_multiplier=sigmas[i], max_grad_norm=a.max_grad_norm,
                     lora_max_grad_norm=lora_clip, lora_noise_share=a.dp_lora_noise_share)
-                r = train_local(lm, ds, epochs=a.local_epochs, batch_size=min(batch, len(ds)),
+                r = train_local(lm, ds, epochs=a.local_epochs, batch_size=min(batches[i], len(ds)),
                                 physical_batch_size=a.physical_batch_size, learning_rate=lr,
                                 dp=dp, seed=seed + 1000 * rnd + i, optimizer=opt,
                                 head_learning_rate=head_lr, local_steps=local_steps)
@@ -222,6 +226,8 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                 updates.append((lm.adapter_state(), float(len(full))))
             lm.load_adapter_state(fedavg(updates))
         out["noise_multipliers"] = [round(s, 4) for s in sigmas]
+        if eps is not None:
+            out["batch_sizes"] = batches
         if eps is not None:
             out["epsilon_spent"] = [round(compute_epsilon(h, delta=DELTA, accountant="prv"), 3)
                                     for h in histories]
@@ -256,6 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "--dp-lr 1e-2 in 18 rounds x 2 steps; README 'Performance'); was "
                          "8:256,3:256,1:3000 (session 12, the head alone at ε = 1 at q = 1), "
                          "before that 8:512,3:1024,1:1536")
+    ap.add_argument("--dp-sample-rate", default="",
+                    help="DP logical batch as a sampling rate q instead (once or per ε): each "
+                         "node's expected batch is q x its examples, so uneven nodes share q "
+                         "and σ (full size: 1/12 = --quick's 256 of 3,000)")
     ap.add_argument("--physical-batch-size", type=int, default=DEFAULTS.physical_batch_size)
     ap.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"],
                     help="non-private local optimizer")

@@ -163,6 +163,11 @@ class TrainConfig(_Frozen):
     local_steps: int | None = Field(None, ge=1)
     # Logical (expected) batch size: what DP-SGD's sampling rate q = batch_size / N uses.
     batch_size: int = Field(256, ge=1)
+    # Or the sampling rate q itself, the same on every node: each node's logical batch is
+    # q × its examples (at least 1), so nodes of uneven size get the same q and, for the same
+    # steps and ε, the same σ, and a large node a large batch (less noise per averaged
+    # gradient) instead of a small q. Instead of batch_size, not with it.
+    sample_rate: float | None = Field(None, gt=0, le=1)
     # Physical batch size: memory bound only, no effect on privacy or on the maths.
     physical_batch_size: int = Field(64, ge=1)
     # LoRA's learning rate. 0 freezes LoRA: the head alone is trained (a DP linear probe of the
@@ -215,6 +220,20 @@ class TrainConfig(_Frozen):
         return tuple(name for name, rate in (("lora", self.learning_rate),
                                              ("head", head if task == "seq-cls" else 0.0))
                      if rate > 0)
+
+    def batch_for(self, num_examples: int) -> int:
+        """The logical (expected) batch of a node holding ``num_examples`` examples."""
+        if self.sample_rate is None:
+            return self.batch_size
+        return max(1, min(num_examples, round(self.sample_rate * num_examples)))
+
+    @model_validator(mode="after")
+    def _one_batch_rule(self) -> TrainConfig:
+        if self.sample_rate is not None and "batch_size" in self.model_fields_set:
+            raise ValueError(f"train.sample_rate ({self.sample_rate:g}) and train.batch_size "
+                             f"({self.batch_size}) both set: give one (the logical batch is "
+                             "q × a node's examples, or a fixed size)")
+        return self
 
     @model_validator(mode="after")
     def _something_to_train(self) -> TrainConfig:
@@ -377,6 +396,7 @@ class RunConfig(_Frozen):
         # An explicit physical batch above the logical one is a mistake; the default cap (64) is
         # just a cap, harmless above a small logical batch.
         if ("physical_batch_size" in self.train.model_fields_set
+                and self.train.sample_rate is None
                 and self.train.physical_batch_size > self.train.batch_size):
             raise ValueError(
                 f"train.physical_batch_size ({self.train.physical_batch_size}) exceeds "
@@ -431,7 +451,10 @@ class RunConfig(_Frozen):
             else ()
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        # With a sampling rate the fixed batch size is not used: it is left out, so the dict
+        # parses back (the two are exclusive).
+        drop = {"train": {"batch_size"}} if self.train.sample_rate is not None else None
+        return self.model_dump(mode="json", exclude=drop)
 
 
 # --------------------------------------------------------------------------------------------

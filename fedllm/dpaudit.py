@@ -131,7 +131,7 @@ def run_canary_audit(config: RunConfig, *, canaries: int = 32, canary_length: in
     eps: float | None = None
     sigma: float | None = None
     if p.enabled:
-        plan = plan_dp_sgd(num_examples=len(ds), batch_size=t.batch_size,
+        plan = plan_dp_sgd(num_examples=len(ds), batch_size=t.batch_for(len(ds)),
                            local_epochs=t.local_epochs, rounds=rounds,
                            target_epsilon=p.target_epsilon, delta=p.delta,
                            accountant=p.accountant, noise_multiplier=p.noise_multiplier,

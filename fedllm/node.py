@@ -225,7 +225,7 @@ def check_simulation_data(config: RunConfig, label_names: tuple[str, ...]) -> li
             # How many rows the cap keeps does not depend on the node's secret.
             per_user = np.unique(np.asarray(table.user_ids), return_counts=True)[1]
             n = int(np.minimum(per_user, spec.max_examples_per_user).sum())
-        check_trainable_size(n, config.train.batch_size, where=f"node-{pid} ({spec.path})")
+        check_trainable_size(n, config.train.batch_for(n), where=f"node-{pid} ({spec.path})")
         sizes.append(n)
     return sizes
 
@@ -405,7 +405,7 @@ class NodeRuntime:
         node_data = self.data(data, loaded, request.label_names, cfg.model.max_length,
                               secret=secret)
         ds = node_data.dataset
-        check_trainable_size(len(ds), cfg.train.batch_size,
+        check_trainable_size(len(ds), cfg.train.batch_for(len(ds)),
                              where=f"node {identity.name} ({data.path})")
         if request.phase == PHASE_COUNT:
             reply.metrics = {"num_examples": len(ds), "steps": 0}
@@ -442,7 +442,7 @@ class NodeRuntime:
                 # coordinator skipped it as useless, or this node missed it) the rounds get the
                 # whole budget: the plan is the node's own, from its own ledger.
                 prior = cfg.center_prior() if ledger.has_round(request.run_id, 0) else ()
-                plan = plan_dp_sgd(num_examples=len(ds), batch_size=cfg.train.batch_size,
+                plan = plan_dp_sgd(num_examples=len(ds), batch_size=cfg.train.batch_for(len(ds)),
                                    local_epochs=cfg.train.local_epochs,
                                    rounds=cfg.federation.rounds, target_epsilon=p.target_epsilon,
                                    delta=p.delta, accountant=p.accountant,

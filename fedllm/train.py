@@ -548,7 +548,7 @@ def train_for_run(loaded: LoadedModel, dataset: TokenizedDataset, train: TrainCo
     """:func:`train_local` with a run's ``[train]`` settings: the one place that maps them, for
     the nodes and the canary audit."""
     return train_local(
-        loaded, dataset, epochs=train.local_epochs, batch_size=train.batch_size,
+        loaded, dataset, epochs=train.local_epochs, batch_size=train.batch_for(len(dataset)),
         physical_batch_size=train.physical_batch_size, learning_rate=train.learning_rate,
         weight_decay=train.weight_decay, dp=dp, seed=seed, clipping=train.clipping,
         optimizer=train.optimizer, momentum=train.momentum,

@@ -297,3 +297,21 @@ def test_local_steps_set_the_round_and_its_planned_sigma(runtime_and_config, tmp
     epochs = plan_dp_sgd(num_examples=54, batch_size=30, local_epochs=1, rounds=2,
                          target_epsilon=4.0, delta=1e-5, accountant="prv")
     assert epochs.steps_per_round == 2 and epochs.noise_multiplier < plan.noise_multiplier
+
+
+def test_a_node_takes_its_batch_from_the_sampling_rate(runtime_and_config, tmp_path):
+    """train.sample_rate: the node's logical batch is q × its examples (54 × 0.25 -> 14, so
+    4 Poisson steps per epoch at q = 1/4), and its σ is planned at that q."""
+    from fedllm.privacy import plan_dp_sgd
+
+    rt, _, arrays = runtime_and_config
+    cfg = load_config(None, {"data.max_examples": 120, "federation.num_nodes": 2,
+                             "federation.rounds": 2, "train.sample_rate": 0.25,
+                             "train.physical_batch_size": 30, "privacy.target_epsilon": 4.0,
+                             "train.center_features": "off"})
+    r = rt.train(request(cfg, arrays, 1), identity=NodeIdentity("node-0", tmp_path),
+                 data=simulated_node_data(cfg, 0))
+    plan = plan_dp_sgd(num_examples=54, batch_size=14, local_epochs=1, rounds=2,
+                       target_epsilon=4.0, delta=1e-5, accountant="prv")
+    assert r.ok and r.metrics["sample_rate"] == 0.25 == plan.sample_rate
+    assert r.metrics["steps"] == 4 and r.metrics["noise_multiplier"] == plan.noise_multiplier

@@ -350,7 +350,7 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
                     lora_max_grad_norm=p.lora_max_grad_norm if cfg.grouped_clipping else None,
                     lora_noise_share=p.lora_noise_share if cfg.grouped_clipping else None)
         for i, n in enumerate(sizes):
-            dp = plan_dp_sgd(num_examples=n, batch_size=t.batch_size,
+            dp = plan_dp_sgd(num_examples=n, batch_size=t.batch_for(n),
                              local_epochs=t.local_epochs, rounds=fed.rounds,
                              target_epsilon=p.target_epsilon, delta=p.delta,
                              accountant=p.accountant, noise_multiplier=p.noise_multiplier,
