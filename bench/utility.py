@@ -167,7 +167,8 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
         lora_clip, local_steps, rounds, rate = None, None, a.rounds, None
     # Each node's logical batch: --dp-sample-rate q gives every node the same q (B_i = q·N_i,
     # so uneven nodes get the same σ and a large node a large batch); else one B for all.
-    batches = [min(len(ds), max(1, round(rate * len(ds))) if rate else batch) for ds in nodes]
+    rule = TrainConfig(sample_rate=rate) if rate else TrainConfig(batch_size=batch)
+    batches = [min(len(ds), rule.batch_for(len(ds))) for ds in nodes]
     if eps is None and a.center_nodp:
         # The non-private analogue of the DP settings' start: exact class statistics (σ = 0)
         # centre the head's input and give its start, for centralised and federated alike.
@@ -228,7 +229,6 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
         out["noise_multipliers"] = [round(s, 4) for s in sigmas]
         if eps is not None:
             out["batch_sizes"] = batches
-        if eps is not None:
             out["epsilon_spent"] = [round(compute_epsilon(h, delta=DELTA, accountant="prv"), 3)
                                     for h in histories]
     metrics = evaluate(lm, dev)

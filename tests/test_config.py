@@ -238,15 +238,18 @@ def test_a_sampling_rate_gives_uneven_nodes_the_same_q_and_sigma():
     from fedllm.cli.run import print_plan
     from fedllm.config import RunConfig
 
+    def plan_nodes(cfg, sizes):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_plan(Console(file=io.StringIO()), cfg, sizes, as_json=True, classes=2)
+        return json.loads(out.getvalue())["nodes"]
+
     cfg = load_config(None, {"train.sample_rate": 0.1, "federation.num_nodes": 3,
                              "federation.rounds": 2, "privacy.accountant": "rdp"})
     assert [cfg.train.batch_for(n) for n in (3000, 240, 4, 0)] == [300, 24, 1, 1]
     assert RunConfig.model_validate(cfg.to_dict()) == cfg
     assert "batch_size" not in cfg.to_dict()["train"]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        print_plan(Console(file=io.StringIO()), cfg, [3000, 240, 60], as_json=True, classes=2)
-    nodes = json.loads(out.getvalue())["nodes"]
+    nodes = plan_nodes(cfg, [3000, 240, 60])
     assert [n["expected_batch"] for n in nodes] == [300, 24, 6]
     assert {n["sample_rate"] for n in nodes} == {0.1}
     assert len({round(n["noise_multiplier"], 9) for n in nodes}) == 1
@@ -254,10 +257,7 @@ def test_a_sampling_rate_gives_uneven_nodes_the_same_q_and_sigma():
     # The fixed batch gives the small node a larger q and so a larger σ.
     fixed = load_config(None, {"train.batch_size": 24, "federation.rounds": 2,
                                "privacy.accountant": "rdp"})
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        print_plan(Console(file=io.StringIO()), fixed, [3000, 240], as_json=True, classes=2)
-    big, small = json.loads(out.getvalue())["nodes"]
+    big, small = plan_nodes(fixed, [3000, 240])
     assert small["sample_rate"] == 0.1 and big["sample_rate"] == 1 / 125
     with pytest.raises(ConfigError, match="sample_rate .* and train.batch_size .* both set"):
         load_config(None, {"train.sample_rate": 0.1, "train.batch_size": 64})
