@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from bench._common import finish, set_threads, sst2_paths
-from fedllm.aggregate import estimate_class_stats, fedavg
+from fedllm.aggregate import ServerOptState, estimate_class_stats, fedavg, server_step
 from fedllm.config import TrainConfig
 from fedllm.data import encode_labels, partition_indices, read_table, tokenize
 from fedllm.evaluate import evaluate
@@ -209,6 +209,7 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
         if a.local_fraction != 1.0 and (eps is not None or not 0 < a.local_fraction < 1):
             raise SystemExit("--local-fraction is for non-private federated settings, in (0, 1)")
         shares = [_shares(len(ds), a.local_fraction, seed=seed + i) for i, ds in enumerate(nodes)]
+        server = ServerOptState()
         for rnd in range(rounds):
             global_state = lm.adapter_state()
             updates = []
@@ -225,7 +226,12 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                                 head_learning_rate=head_lr, local_steps=local_steps)
                 histories[i].extend(r.history)
                 updates.append((lm.adapter_state(), float(len(full))))
-            lm.load_adapter_state(fedavg(updates))
+            # The coordinator's step from the FedAvg of the adapters (plain FedAvg by default).
+            new_state, server = server_step(
+                global_state, fedavg(updates), server, kind=a.server_opt,
+                learning_rate=a.server_lr, head_learning_rate=a.server_head_lr,
+                beta1=a.server_beta1, beta2=a.server_beta2, eps=a.server_eps)
+            lm.load_adapter_state(new_state)
         out["noise_multipliers"] = [round(s, 4) for s in sigmas]
         if eps is not None:
             out["batch_sizes"] = batches
@@ -315,6 +321,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--center-nodp", action="store_true",
                     help="non-private settings: centre and start the head from exact class "
                          "statistics (the DP settings' start without noise)")
+    ap.add_argument("--server-opt", default="fedavg", choices=["fedavg", "fedavgm", "fedadam"],
+                    help="the coordinator's optimizer on the round's pseudo-gradient "
+                         "(fedllm.aggregate.server_step), every federated setting")
+    ap.add_argument("--server-lr", type=float, default=1.0)
+    ap.add_argument("--server-head-lr", type=float, default=None,
+                    help="the head's server rate (default: --server-lr)")
+    ap.add_argument("--server-beta1", type=float, default=0.9)
+    ap.add_argument("--server-beta2", type=float, default=0.99)
+    ap.add_argument("--server-eps", type=float, default=1e-8)
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--lora-target-modules", default="",

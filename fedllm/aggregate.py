@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 Arrays = Mapping[str, np.ndarray]
+# The classification head's module name in adapter-state keys (fedllm.model.HEAD_MODULE; not
+# imported: this module stays free of torch).
+HEAD_PREFIX = "head"
 
 
 class UpdateRejected(ValueError):
@@ -58,6 +62,95 @@ def fedavg(updates: Sequence[tuple[Arrays, float]]) -> dict[str, np.ndarray]:
             acc += arrays[name].astype(np.float64) * (w / total)
         out[name] = acc.astype(np.float32)
     return out
+
+
+ServerOptimizerKind = Literal["fedavg", "fedavgm", "fedadam"]
+
+
+@dataclass(frozen=True)
+class ServerOptState:
+    """A server optimizer's state between rounds: its step count and moment estimates per
+    adapter tensor (float64). Small (twice the adapter) and carried across rounds in the
+    round checkpoint, so a resumed run continues the same trajectory."""
+
+    step: int = 0
+    m: Mapping[str, np.ndarray] = field(default_factory=dict)  # fedavgm: momentum buffer
+    v: Mapping[str, np.ndarray] = field(default_factory=dict)  # fedadam: second moment
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Flat form for a checkpoint (names prefixed ``m/`` and ``v/``)."""
+        out = {"step": np.asarray([self.step], np.int64)}
+        out.update({f"m/{k}": a for k, a in self.m.items()})
+        out.update({f"v/{k}": a for k, a in self.v.items()})
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> ServerOptState:
+        if "step" not in arrays:
+            raise ValueError("server optimizer state has no step count")
+        return cls(step=int(np.asarray(arrays["step"]).reshape(-1)[0]),
+                   m={k[2:]: np.asarray(a, np.float64) for k, a in arrays.items()
+                      if k.startswith("m/")},
+                   v={k[2:]: np.asarray(a, np.float64) for k, a in arrays.items()
+                      if k.startswith("v/")})
+
+
+def server_step(global_state: Arrays, aggregate: Arrays, state: ServerOptState, *,
+                kind: ServerOptimizerKind, learning_rate: float = 1.0, beta1: float = 0.9,
+                beta2: float = 0.99, eps: float = 1e-8,
+                head_learning_rate: float | None = None
+                ) -> tuple[dict[str, np.ndarray], ServerOptState]:
+    """The coordinator's step from the nodes' aggregate (FedAvg of their adapters).
+
+    The pseudo-gradient is Δ = aggregate − global, the direction the nodes moved on average
+    (Reddi et al. 2021, "Adaptive Federated Optimization"):
+
+    - ``fedavg``: global + lr · Δ (lr = 1: the aggregate itself, plain FedAvg);
+    - ``fedavgm``: m ← β1 m + Δ, global + lr · m (server momentum, Hsu et al. 2019);
+    - ``fedadam``: Adam on −Δ with bias correction, so the step equals ``torch.optim.Adam``'s
+      with gradient −Δ: m ← β1 m + (1 − β1) Δ, v ← β2 v + (1 − β2) Δ², global + lr · m̂ /
+      (√v̂ + eps).
+
+    Why it matters under DP: a node's few local AdamW steps from a fresh state are sign-like,
+    so every coordinate moves by about the local rate each step however noisy its gradient,
+    and the noise-dominated coordinates random-walk. Server-side moments persist across rounds:
+    m averages the noise of about 1 / (1 − β1) rounds and √v scales each coordinate by its own
+    noise level. Post-processing of the nodes' DP releases, so it costs no ε.
+
+    ``head_learning_rate`` (None: ``learning_rate``) is the classification head's rate: its
+    useful steps are larger than LoRA's (fedllm.train.make_optimizer). Only tensors in
+    ``global_state`` are stepped; returns (new global state as float32, new state).
+    """
+    if learning_rate <= 0 or (head_learning_rate is not None and head_learning_rate <= 0):
+        raise ValueError("server learning rates must be positive")
+    if not (0 <= beta1 < 1 and 0 <= beta2 < 1) or eps <= 0:
+        raise ValueError("server optimizer needs 0 <= beta1, beta2 < 1 and eps > 0")
+    if kind == "fedavg" and learning_rate == 1.0 and head_learning_rate in (None, 1.0):
+        return {k: np.asarray(aggregate[k], np.float32) for k in global_state}, state
+    t = state.step + 1
+    new: dict[str, np.ndarray] = {}
+    m_out: dict[str, np.ndarray] = {}
+    v_out: dict[str, np.ndarray] = {}
+    for name, ref in global_state.items():
+        ref64 = np.asarray(ref, np.float64)
+        delta = np.asarray(aggregate[name], np.float64) - ref64
+        lr = (head_learning_rate if head_learning_rate is not None
+              and f".{HEAD_PREFIX}." in f".{name}" else learning_rate)
+        if kind == "fedavg":
+            step = delta
+        elif kind == "fedavgm":
+            m = beta1 * state.m.get(name, np.zeros_like(delta)) + delta
+            m_out[name] = m
+            step = m
+        elif kind == "fedadam":
+            m = beta1 * state.m.get(name, np.zeros_like(delta)) + (1 - beta1) * delta
+            v = beta2 * state.v.get(name, np.zeros_like(delta)) + (1 - beta2) * delta * delta
+            m_out[name], v_out[name] = m, v
+            step = (m / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + eps)
+        else:
+            raise ValueError(f"unknown server optimizer {kind!r}")
+        new[name] = (ref64 + lr * step).astype(np.float32)
+    return new, ServerOptState(step=t, m=m_out, v=v_out)
 
 
 def reject_outliers(norms: Mapping[str, float], *, factor: float) -> dict[str, str]:

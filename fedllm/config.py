@@ -153,6 +153,24 @@ class FederationConfig(_Frozen):
         return self.nodes_per_round or self.num_nodes
 
 
+class ServerOptimizerConfig(_Frozen):
+    """The coordinator's step from each round's FedAvg (fedllm.aggregate.server_step; Reddi et
+    al. 2021, "Adaptive Federated Optimization"). Post-processing of what the nodes released,
+    so it costs no ε; its state (moments) is saved with every round's checkpoint, so a resumed
+    run continues the same trajectory."""
+
+    # "fedavg": the weighted average itself (learning_rate 1) or a step of learning_rate
+    # towards it; "fedavgm": server momentum (beta1) on the average's move; "fedadam": Adam on
+    # it (beta1, beta2, eps), each coordinate's step scaled by its own history across rounds.
+    kind: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
+    learning_rate: float = Field(1.0, gt=0, le=100)
+    # The classification head's server rate (None = learning_rate).
+    head_learning_rate: float | None = Field(None, gt=0, le=100)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+
+
 class TrainConfig(_Frozen):
     local_epochs: int = Field(1, ge=1, le=1000)
     # Local optimizer steps per round instead of local_epochs whole epochs (None = epochs).
@@ -358,6 +376,7 @@ class RunConfig(_Frozen):
     data: DataConfig = DataConfig()
     partition: PartitionConfig = PartitionConfig()
     federation: FederationConfig = FederationConfig()
+    server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     central_dp: CentralDPConfig = CentralDPConfig()

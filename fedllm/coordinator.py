@@ -23,6 +23,7 @@ import numpy as np
 
 from fedllm.aggregate import (
     MIN_CENTER_SNR,
+    ServerOptState,
     UpdateRejected,
     central_dp_average,
     class_stats_can_help,
@@ -30,6 +31,7 @@ from fedllm.aggregate import (
     estimate_class_stats,
     fedavg,
     reject_outliers,
+    server_step,
     validate_update,
 )
 from fedllm.audit import canonical_json, sha256_hex
@@ -74,6 +76,26 @@ from fedllm.secagg import SecureRoundResult
 from fedllm.store import CENTRAL_LEDGER_ID, Store
 
 log = logging.getLogger(__name__)
+
+# Checkpoint names of the server optimizer's state (fedllm.aggregate.ServerOptState), beside the
+# adapter's tensors (PEFT names, which never start with it).
+SERVER_STATE_PREFIX = "server_optimizer/"
+
+
+def pack_checkpoint(state: dict[str, np.ndarray], server: ServerOptState) -> bytes:
+    """A round's checkpoint: the global adapter and, once it has stepped, the server
+    optimizer's state."""
+    extra = ({SERVER_STATE_PREFIX + k: a for k, a in server.to_arrays().items()}
+             if server.step else {})
+    return pack_state(state | extra)
+
+
+def unpack_checkpoint(blob: bytes) -> tuple[dict[str, np.ndarray], ServerOptState]:
+    arrays = unpack_state(blob)
+    server = {k[len(SERVER_STATE_PREFIX):]: a for k, a in arrays.items()
+              if k.startswith(SERVER_STATE_PREFIX)}
+    state = {k: a for k, a in arrays.items() if not k.startswith(SERVER_STATE_PREFIX)}
+    return state, (ServerOptState.from_arrays(server) if server else ServerOptState())
 
 
 class RunFailed(RuntimeError):
@@ -219,6 +241,8 @@ class Coordinator:
         # The run's feature centre (train.center_features), sent with every train request;
         # None = the head trains uncentred.
         self._center: np.ndarray | None = None
+        # The server optimizer's state (server_optimizer), carried across rounds and resumes.
+        self._server = ServerOptState()
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -284,7 +308,8 @@ class Coordinator:
                 # centres features, the nodes' feature-mean releases (their ε shows here).
                 self.store.record_round(
                     self.run_id, 0, started_at=t0, num_nodes=0, metrics=report.metrics,
-                    nodes=center_rows, checkpoint=pack_state(global_state), audit=audit)
+                    nodes=center_rows, checkpoint=pack_checkpoint(global_state, self._server),
+                    audit=audit)
                 reports.append(report)
                 if self.observer:
                     self.observer.round_finished(report)
@@ -340,6 +365,15 @@ class Coordinator:
         if not p.enabled:
             self._warn("DIFFERENTIAL PRIVACY IS OFF for this run (explicit --no-dp): node "
                        "updates carry no formal privacy guarantee")
+        so = cfg.server_optimizer
+        if so.kind != "fedavg" or so.learning_rate != 1.0:
+            self._info(f"server optimizer {so.kind}: learning rate {so.learning_rate:g}"
+                       + (f" (head {so.head_learning_rate:g})"
+                          if so.head_learning_rate is not None else "")
+                       + (f", beta1 {so.beta1:g}" if so.kind != "fedavg" else "")
+                       + (f", beta2 {so.beta2:g}, eps {so.eps:g}" if so.kind == "fedadam"
+                          else "")
+                       + " on each round's FedAvg (post-processing: no ε)")
         if not self.secure_aggregation:
             self._warn("updates are not securely aggregated in this run: the coordinator sees "
                        "each node's (DP-noised) update")
@@ -359,7 +393,7 @@ class Coordinator:
         rnd, blob, sha = ck
         if hashlib.sha256(blob).hexdigest() != sha:
             raise RunFailed(f"checkpoint of run {self.run_id} (round {rnd}) is corrupted")
-        state = unpack_state(blob)
+        state, self._server = unpack_checkpoint(blob)
         center = self.store.feature_center_vector(self.run_id)
         self._center = None if center is None else np.asarray(center, np.float32)
         self.store.update_run(self.run_id, state="running", error=None, finished_at=None)
@@ -393,6 +427,11 @@ class Coordinator:
             att = self._attempt(rnd, attempt, transport, global_state, label_names)
             self._record_ledgers(att.ledgers)
             if att.new_state is not None:
+                so = self.config.server_optimizer
+                att.new_state, server = server_step(
+                    global_state, att.new_state, self._server, kind=so.kind,
+                    learning_rate=so.learning_rate, head_learning_rate=so.head_learning_rate,
+                    beta1=so.beta1, beta2=so.beta2, eps=so.eps)
                 if self.config.lora.freeze_a:
                     # Nobody trains A (FFA-LoRA): it stays the run's shared initialisation.
                     # Under central DP this also drops the noise the release added to it
@@ -409,7 +448,8 @@ class Coordinator:
                 self.store.record_round(self.run_id, rnd, started_at=t0,
                                         num_nodes=att.num_aggregated, metrics=metrics,
                                         nodes=att.rows, audit=att.audit,
-                                        checkpoint=pack_state(att.new_state))
+                                        checkpoint=pack_checkpoint(att.new_state, server))
+                self._server = server
                 self._record_central(rnd)
                 return att.new_state, RoundReport(rnd, metrics, att.rows, att.num_aggregated,
                                                   time.time() - t0)
