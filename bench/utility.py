@@ -206,6 +206,19 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                                   project=False, prior=tuple(h),
                                   local_steps=local_steps).noise_multiplier
                       for ds, h, b in zip(nodes, histories, batches, strict=True)]
+        share = 1.0
+        if eps is not None and a.dp_distributed:
+            # Distributed noise (a what-if for secure aggregation): each node adds σ / √k, so
+            # the sum of k nodes' releases carries σ, the noise each node's ε is calibrated
+            # for, as seen by whoever sees only that sum. Valid only when the released sum is
+            # linear in the noisy gradients (one local SGD step a round) and every node's
+            # gradient sum enters the average with the same scale (w_i / B_i = 1 / (q N)).
+            if local_steps != 1 or opt != "sgd":
+                raise SystemExit("--dp-distributed needs --dp-local-steps 1 --dp-optimizer sgd")
+            scales = {round(len(ds) / b, 6) for ds, b in zip(nodes, batches, strict=True)}
+            if len(scales) != 1:
+                raise SystemExit("--dp-distributed needs one N_i / B_i on every node")
+            share = 1.0 / np.sqrt(a.dp_distributed)
         if a.local_fraction != 1.0 and (eps is not None or not 0 < a.local_fraction < 1):
             raise SystemExit("--local-fraction is for non-private federated settings, in (0, 1)")
         shares = [_shares(len(ds), a.local_fraction, seed=seed + i) for i, ds in enumerate(nodes)]
@@ -218,13 +231,16 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                 ds = full if len(shares[i]) == 1 else _take(full, shares[i][rnd % len(shares[i])])
                 lm.load_adapter_state(global_state)
                 dp = None if eps is None else DPParams(
-                    noise_multiplier=sigmas[i], max_grad_norm=a.max_grad_norm,
+                    noise_multiplier=sigmas[i] * share, max_grad_norm=a.max_grad_norm,
                     lora_max_grad_norm=lora_clip, lora_noise_share=a.dp_lora_noise_share)
                 r = train_local(lm, ds, epochs=a.local_epochs, batch_size=min(batches[i], len(ds)),
                                 physical_batch_size=a.physical_batch_size, learning_rate=lr,
                                 dp=dp, seed=seed + 1000 * rnd + i, optimizer=opt,
                                 head_learning_rate=head_lr, local_steps=local_steps)
-                histories[i].extend(r.history)
+                # The node's ε is the aggregate's: its steps at the calibrated σ (the same
+                # history as its own noise without --dp-distributed).
+                histories[i].extend((sigmas[i] if eps is not None else s, q, k)
+                                    for s, q, k in r.history)
                 updates.append((lm.adapter_state(), float(len(full))))
             # The coordinator's step from the FedAvg of the adapters (plain FedAvg by default).
             new_state, server = server_step(
@@ -309,6 +325,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="DP settings: this many DP steps per round (once or per ε; 0 or "
                          "empty = --local-epochs whole epochs); same rate q, so with "
                          "--dp-rounds scaled up the same steps and ε over more, shorter rounds")
+    ap.add_argument("--dp-distributed", type=int, default=0,
+                    help="what-if, not fedllm's guarantee: each node adds 1/sqrt(k) of the "
+                         "noise (distributed DP under secure aggregation, k honest nodes); "
+                         "needs --dp-local-steps 1 --dp-optimizer sgd")
     ap.add_argument("--dp-lora-noise-share", type=float, default=0.5,
                     help="grouped clipping: LoRA's share a² of the unit sensitivity")
     ap.add_argument("--center-noise", default="4",

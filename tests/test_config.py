@@ -223,6 +223,16 @@ def test_the_dry_run_plan_says_what_trains_and_for_how_many_steps():
     assert "B matrices only" in plan({"lora.freeze_a": True}, as_json=False)
     assert "B matrices" not in plan({"lora.freeze_a": True, "train.learning_rate": 0},
                                     as_json=False)
+    # The server optimizer is in the plan, and said when it is not plain FedAvg.
+    assert default["server_optimizer"]["kind"] == "fedavg"
+    assert "server optimizer" not in plan({}, as_json=False)
+    adam = {"server_optimizer.kind": "fedadam", "server_optimizer.learning_rate": 0.01}
+    assert "server optimizer fedadam, learning rate 0.01" in plan(adam, as_json=False)
+    assert plan(adam, as_json=True)["server_optimizer"]["learning_rate"] == 0.01
+    with pytest.raises(ConfigError, match="server_optimizer"):
+        load_config(None, {"server_optimizer.kind": "fedyogi"})
+    with pytest.raises(ConfigError, match="server_optimizer"):
+        load_config(None, {"server_optimizer.beta1": 1.0})
 
 
 def test_a_sampling_rate_gives_uneven_nodes_the_same_q_and_sigma():

@@ -335,7 +335,8 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
     p, t, fed = cfg.privacy, cfg.train, cfg.federation
     plan: dict[str, Any] = {"rounds": fed.rounds, "dp_enabled": p.enabled, "nodes": [],
                             "trains": list(t.trained_parts(cfg.model.task)),
-                            "lora_a_frozen": cfg.lora.freeze_a}
+                            "lora_a_frozen": cfg.lora.freeze_a,
+                            "server_optimizer": cfg.server_optimizer.model_dump()}
     prior = cfg.center_prior()
     if prior and sizes:
         asked = class_stats_can_help(nodes=len(sizes), examples=sum(sizes), classes=classes,
@@ -389,6 +390,10 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
     if cfg.lora.freeze_a and "lora" in plan["trains"]:
         console.print("trains LoRA's B matrices only (lora.freeze_a: every A stays at the shared "
                       "seeded initialisation, FFA-LoRA)")
+    so = cfg.server_optimizer
+    if so.kind != "fedavg" or so.learning_rate != 1.0:
+        console.print(f"aggregation: server optimizer {so.kind}, learning rate "
+                      f"{so.learning_rate:g} on each round's FedAvg (post-processing, no ε)")
     if not p.enabled:
         console.print("[bold red]DP OFF: no privacy plan (nothing bounds what updates reveal)[/]")
     else:
