@@ -90,6 +90,27 @@ def test_utility_smoke(tmp_path):
         assert setting["class_stats"]["examples"] == 192
 
 
+@pytest.mark.slow
+def test_utility_server_adam_and_distributed_noise_what_if(tmp_path):
+    """DP-FedSGD (one local SGD step a round) with the coordinator's Adam, and the
+    distributed-noise what-if: ε is still each node's at the calibrated σ."""
+    small = ["--nodes", "3", "--examples-per-node", "64", "--eval-examples", "64",
+             "--dp-batch-size", "32", "--physical-batch-size", "32", "--epsilons", "8",
+             "--settings", "federated_dp_eps8", "--dp-rounds", "2", "--dp-local-steps", "1",
+             "--dp-optimizer", "sgd", "--dp-lr", "1", "--dp-head-lr", "1"]
+    row = run_bench("utility", [*small, "--server-opt", "fedadam", "--server-lr", "0.01",
+                                "--dp-distributed", "3"], tmp_path)
+    assert row["config"]["server_opt"] == "fedadam" and row["config"]["dp_distributed"] == 3
+    setting = row["settings"]["federated_dp_eps8"]
+    assert all(7.2 <= e <= 8.08 for e in setting["epsilon_spent"]), setting
+    # The what-if is refused where the released sum would not be linear in the noise.
+    proc = subprocess.run([sys.executable, "-m", "bench.utility", *small[:-6],
+                           "--dp-distributed", "3", "--results-dir", str(tmp_path / "x")],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "--dp-local-steps 1 --dp-optimizer sgd" in proc.stderr
+
+
 def test_utility_split_keeps_skew_and_pooled_label_mix():
     """--quick's nodes: exactly per_node examples each, disjoint, strongly skewed, and together
     in the label proportions of the whole split (seed 0 of independent draws gave 22 %
