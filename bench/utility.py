@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from bench._common import finish, set_threads, sst2_paths
 from fedllm.aggregate import ServerOptState, estimate_class_stats, fedavg, server_step
-from fedllm.config import TrainConfig
+from fedllm.config import ServerOptimizerConfig, TrainConfig
 from fedllm.data import encode_labels, partition_indices, read_table, tokenize
 from fedllm.evaluate import evaluate
 from fedllm.model import load_model, resolve_device, with_head
@@ -223,6 +223,9 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
             raise SystemExit("--local-fraction is for non-private federated settings, in (0, 1)")
         shares = [_shares(len(ds), a.local_fraction, seed=seed + i) for i, ds in enumerate(nodes)]
         server = ServerOptState()
+        server_cfg = ServerOptimizerConfig(
+            kind=a.server_opt, learning_rate=a.server_lr, head_learning_rate=a.server_head_lr,
+            beta1=a.server_beta1, beta2=a.server_beta2, eps=a.server_eps)
         for rnd in range(rounds):
             global_state = lm.adapter_state()
             updates = []
@@ -243,10 +246,8 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                                     for s, q, k in r.history)
                 updates.append((lm.adapter_state(), float(len(full))))
             # The coordinator's step from the FedAvg of the adapters (plain FedAvg by default).
-            new_state, server = server_step(
-                global_state, fedavg(updates), server, kind=a.server_opt,
-                learning_rate=a.server_lr, head_learning_rate=a.server_head_lr,
-                beta1=a.server_beta1, beta2=a.server_beta2, eps=a.server_eps)
+            new_state, server = server_step(global_state, fedavg(updates), server,
+                                            **server_cfg.model_dump())
             lm.load_adapter_state(new_state)
         out["noise_multipliers"] = [round(s, 4) for s in sigmas]
         if eps is not None:
@@ -341,7 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--center-nodp", action="store_true",
                     help="non-private settings: centre and start the head from exact class "
                          "statistics (the DP settings' start without noise)")
-    ap.add_argument("--server-opt", default="fedavg", choices=["fedavg", "fedavgm", "fedadam"],
+    ap.add_argument("--server-opt", default="fedavg",
+                    choices=get_args(ServerOptimizerConfig.model_fields["kind"].annotation),
                     help="the coordinator's optimizer on the round's pseudo-gradient "
                          "(fedllm.aggregate.server_step), every federated setting")
     ap.add_argument("--server-lr", type=float, default=1.0)

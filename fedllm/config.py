@@ -170,6 +170,22 @@ class ServerOptimizerConfig(_Frozen):
     beta2: float = Field(0.99, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
 
+    @property
+    def plain_fedavg(self) -> bool:
+        """Whether the step is the weighted average itself (nothing to announce)."""
+        return (self.kind == "fedavg" and self.learning_rate == 1.0
+                and self.head_learning_rate in (None, 1.0))
+
+    def describe(self) -> str:
+        """One line for logs, the store's events and the dry-run plan."""
+        return (f"server optimizer {self.kind}, learning rate {self.learning_rate:g}"
+                + (f" (head {self.head_learning_rate:g})"
+                   if self.head_learning_rate is not None else "")
+                + (f", beta1 {self.beta1:g}" if self.kind != "fedavg" else "")
+                + (f", beta2 {self.beta2:g}, eps {self.eps:g}" if self.kind == "fedadam"
+                   else "")
+                + " on each round's FedAvg (post-processing, no ε)")
+
 
 class TrainConfig(_Frozen):
     local_epochs: int = Field(1, ge=1, le=1000)

@@ -365,15 +365,8 @@ class Coordinator:
         if not p.enabled:
             self._warn("DIFFERENTIAL PRIVACY IS OFF for this run (explicit --no-dp): node "
                        "updates carry no formal privacy guarantee")
-        so = cfg.server_optimizer
-        if so.kind != "fedavg" or so.learning_rate != 1.0:
-            self._info(f"server optimizer {so.kind}: learning rate {so.learning_rate:g}"
-                       + (f" (head {so.head_learning_rate:g})"
-                          if so.head_learning_rate is not None else "")
-                       + (f", beta1 {so.beta1:g}" if so.kind != "fedavg" else "")
-                       + (f", beta2 {so.beta2:g}, eps {so.eps:g}" if so.kind == "fedadam"
-                          else "")
-                       + " on each round's FedAvg (post-processing: no ε)")
+        if not cfg.server_optimizer.plain_fedavg:
+            self._info(cfg.server_optimizer.describe())
         if not self.secure_aggregation:
             self._warn("updates are not securely aggregated in this run: the coordinator sees "
                        "each node's (DP-noised) update")
@@ -427,11 +420,10 @@ class Coordinator:
             att = self._attempt(rnd, attempt, transport, global_state, label_names)
             self._record_ledgers(att.ledgers)
             if att.new_state is not None:
-                so = self.config.server_optimizer
+                # The config's fields are server_step's keyword arguments.
                 att.new_state, server = server_step(
-                    global_state, att.new_state, self._server, kind=so.kind,
-                    learning_rate=so.learning_rate, head_learning_rate=so.head_learning_rate,
-                    beta1=so.beta1, beta2=so.beta2, eps=so.eps)
+                    global_state, att.new_state, self._server,
+                    **self.config.server_optimizer.model_dump())
                 if self.config.lora.freeze_a:
                     # Nobody trains A (FFA-LoRA): it stays the run's shared initialisation.
                     # Under central DP this also drops the noise the release added to it

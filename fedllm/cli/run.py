@@ -390,10 +390,8 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
     if cfg.lora.freeze_a and "lora" in plan["trains"]:
         console.print("trains LoRA's B matrices only (lora.freeze_a: every A stays at the shared "
                       "seeded initialisation, FFA-LoRA)")
-    so = cfg.server_optimizer
-    if so.kind != "fedavg" or so.learning_rate != 1.0:
-        console.print(f"aggregation: server optimizer {so.kind}, learning rate "
-                      f"{so.learning_rate:g} on each round's FedAvg (post-processing, no ε)")
+    if not cfg.server_optimizer.plain_fedavg:
+        console.print(f"aggregation: {cfg.server_optimizer.describe()}")
     if not p.enabled:
         console.print("[bold red]DP OFF: no privacy plan (nothing bounds what updates reveal)[/]")
     else:
