@@ -35,7 +35,7 @@ from fedllm.data import encode_labels, partition_indices, read_table, tokenize
 from fedllm.evaluate import evaluate
 from fedllm.model import load_model, resolve_device, with_head
 from fedllm.privacy import compute_epsilon, plan_dp_sgd
-from fedllm.train import DPParams, private_class_stats, train_local
+from fedllm.train import DPParams, LRSchedule, private_class_stats, train_local
 
 LABELS = ("0", "1")
 DEFAULTS = TrainConfig()  # fedllm's own training defaults
@@ -182,7 +182,8 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                                   np.concatenate([d.labels for d in nodes]))
         r = train_local(lm, pooled, epochs=a.rounds * a.local_epochs, batch_size=batch,
                         physical_batch_size=a.physical_batch_size, learning_rate=lr, dp=None,
-                        seed=seed, optimizer=opt, head_learning_rate=head_lr)
+                        seed=seed, optimizer=opt, head_learning_rate=head_lr,
+                        schedule=LRSchedule(a.lr_schedule, min_fraction=a.lr_min_fraction))
         out.update(steps=r.steps, samples=r.samples)
     else:
         sigmas: list[float] = []
@@ -239,7 +240,10 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                 r = train_local(lm, ds, epochs=a.local_epochs, batch_size=min(batches[i], len(ds)),
                                 physical_batch_size=a.physical_batch_size, learning_rate=lr,
                                 dp=dp, seed=seed + 1000 * rnd + i, optimizer=opt,
-                                head_learning_rate=head_lr, local_steps=local_steps)
+                                head_learning_rate=head_lr, local_steps=local_steps,
+                                schedule=LRSchedule.for_round(
+                                    a.lr_schedule, round=rnd + 1, rounds=rounds,
+                                    min_fraction=a.lr_min_fraction))
                 # The node's ε is the aggregate's: its steps at the calibrated σ (the same
                 # history as its own noise without --dp-distributed).
                 histories[i].extend((sigmas[i] if eps is not None else s, q, k)
@@ -352,6 +356,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--server-beta1", type=float, default=0.9)
     ap.add_argument("--server-beta2", type=float, default=0.99)
     ap.add_argument("--server-eps", type=float, default=1e-8)
+    ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                    help="every setting's local rate over the whole run (fedllm.train."
+                         "LRSchedule, [train] lr_schedule): centralised over its steps, "
+                         "federated over rounds (each round its stretch, per step)")
+    ap.add_argument("--lr-min-fraction", type=float, default=0.0,
+                    help="cosine: the final rate as a fraction of the base rate")
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--lora-target-modules", default="",

@@ -236,6 +236,13 @@ class TrainConfig(_Frozen):
     # label-skewed nodes at ε = 8 and 3, LoRA at 1e-3 cost ~4 points against 1e-4 (= frozen).
     # 0 freezes the head (LoRA alone is trained).
     head_learning_rate: float | None = Field(0.1, ge=0)
+    # Both rates over the whole run: "constant", or "cosine" from the rate down to
+    # lr_min_fraction × the rate by the last round's last step (each round trains its stretch
+    # of the curve, per step; fedllm.train.LRSchedule). A decaying local rate is what makes
+    # FedAvg converge on label-skewed nodes (client drift shrinks with the rate), and under DP
+    # the final adapter keeps less of the last steps' noise (README "Performance").
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_min_fraction: float = Field(0.0, ge=0.0, le=1.0)
     # Centre the head's input with the mean of the nodes' pooled features, from a DP release of
     # per-class feature sums and counts once before round 1 (seq-cls): without it, a few
     # large-batch AdamW steps on label-skewed nodes move the head along the features' common

@@ -140,7 +140,8 @@ def run_canary_audit(config: RunConfig, *, canaries: int = 32, canary_length: in
         dp = dp_for_run(config, noise_multiplier=sigma)
     history: list[tuple[float, float, int]] = []
     for rnd in range(rounds):  # one node federated with itself: its update is the model
-        result = train_for_run(loaded, ds, t, dp=dp, seed=seed * 1000 + rnd)
+        result = train_for_run(loaded, ds, t, dp=dp, seed=seed * 1000 + rnd,
+                               round=rnd + 1, rounds=rounds)
         history += result.history
     if p.enabled:
         eps = compute_epsilon(history, delta=p.delta, accountant=p.accountant)

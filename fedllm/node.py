@@ -497,7 +497,8 @@ class NodeRuntime:
             metrics.update(num_examples=cs.num_examples, steps=1, sample_rate=1.0,
                            seconds=time.perf_counter() - t0)
         else:
-            result = train_for_run(loaded, ds, cfg.train, dp=dp, seed=seed)
+            result = train_for_run(loaded, ds, cfg.train, dp=dp, seed=seed,
+                                   round=request.round, rounds=cfg.federation.rounds)
             arrays = loaded.adapter_state()
             if cfg.central_dp.enabled:
                 # Node-level DP: bound this node's influence before anything leaves it.

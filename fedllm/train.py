@@ -12,6 +12,7 @@ torch's default generator, as in Opacus' own examples.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 Clipping = Literal["auto", "linear-hooks", "hooks", "ghost"]
 Optimizer = Literal["sgd", "adamw"]
 Precision = Literal["auto", "fp32", "bf16"]
+Schedule = Literal["constant", "cosine"]
 
 # Per-sample gradients (Opacus "hooks") hold one copy of every trainable tensor per example of a
 # physical batch. Below this many bytes they are cheap (LoRA: r * (d_in + d_out) per layer) and
@@ -82,6 +84,63 @@ class DPParams:
                 raise ValueError("lora_max_grad_norm must be positive")
             if not 0 < self.lora_noise_share < 1:
                 raise ValueError("lora_noise_share must be strictly between 0 and 1")
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning rate over the whole run, of which one call of :func:`train_local` (a node's
+    round) covers the stretch of run progress ``[start, end)``.
+
+    "cosine": the rate at run progress p ∈ [0, 1] is ``lr · (m + (1 − m) · (1 + cos πp) / 2)``
+    with m = ``min_fraction``, stepped per optimizer step; "constant": ``lr`` throughout.
+    Why decay in a federation: with a constant local rate, FedAvg on non-IID nodes settles at a
+    distance from the optimum that grows with the rate (client drift; Li et al. 2020, "On the
+    Convergence of FedAvg on Non-IID Data", prove a decaying rate is necessary). Under DP the
+    last steps' noise is what the final adapter keeps; a small final rate averages it out.
+    Centralised training with the same schedule over the same steps is the like-for-like
+    baseline (bench/utility.py).
+    """
+
+    kind: Schedule = "constant"
+    start: float = 0.0
+    end: float = 1.0
+    min_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(f"schedule stretch [{self.start}, {self.end}] must lie in [0, 1]")
+        if not 0.0 <= self.min_fraction <= 1.0:
+            raise ValueError(f"min_fraction must be in [0, 1], got {self.min_fraction}")
+
+    @classmethod
+    def for_round(cls, kind: Schedule, *, round: int, rounds: int,
+                  min_fraction: float = 0.0) -> LRSchedule:
+        """Round ``round`` (1-based) of ``rounds``: the stretch [(round−1)/rounds, round/rounds)."""
+        if not 1 <= round <= rounds:
+            raise ValueError(f"round {round} is outside 1..{rounds}")
+        return cls(kind, (round - 1) / rounds, round / rounds, min_fraction)
+
+    def factor(self, step: int, steps: int) -> float:
+        """The multiplier of the base rate for this call's ``step``-th (0-based) of ``steps``."""
+        if self.kind == "constant":
+            return 1.0
+        p = self.start + (self.end - self.start) * step / max(steps, 1)
+        return self.min_fraction + (1.0 - self.min_fraction) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def _scheduled(batches: Iterator[Any], optimizer: torch.optim.Optimizer, *,
+               schedule: LRSchedule | None, steps: int) -> Iterator[Any]:
+    """``batches``, setting every param group's rate to its base rate × the schedule's factor
+    before each logical batch (one optimizer step each, empty DP draws included)."""
+    if schedule is None or schedule.kind == "constant":
+        yield from batches
+        return
+    base = [float(g["lr"]) for g in optimizer.param_groups]
+    for k, batch in enumerate(batches):
+        f = schedule.factor(k, steps)
+        for g, lr in zip(optimizer.param_groups, base, strict=True):
+            g["lr"] = lr * f
+        yield batch
 
 
 @dataclass
@@ -467,6 +526,7 @@ def train_local(
     head_learning_rate: float | None = None,
     local_steps: int | None = None,
     precision: Precision = "fp32",
+    schedule: LRSchedule | None = None,
 ) -> TrainResult:
     """Train the adapter of ``loaded.model`` in place on ``dataset``.
 
@@ -486,6 +546,9 @@ def train_local(
 
     ``precision``: the forward pass's precision ("bf16": autocast; see
     :func:`choose_precision`, which also resolves "auto").
+
+    ``schedule``: the rate's decay over the run, of which this call covers one stretch
+    (:class:`LRSchedule`; None: constant).
     """
     if local_steps is not None and local_steps <= 0:
         raise ValueError("local_steps must be positive")
@@ -516,7 +579,7 @@ def train_local(
             result = _train_no_dp(
                 model, dataset, collate, opt, device=device, task=loaded.task, epochs=epochs,
                 batch_size=batch_size, physical_batch_size=physical_batch_size, seed=seed,
-                local_steps=local_steps, precision=resolved,
+                local_steps=local_steps, precision=resolved, schedule=schedule,
             )
         else:
             assert mode is not None
@@ -524,6 +587,7 @@ def train_local(
                 model, dataset, collate, opt, device=device, task=loaded.task, epochs=epochs,
                 batch_size=batch_size, physical_batch_size=physical_batch_size, dp=dp,
                 seed=seed, local_steps=local_steps, grad_sample_mode=mode, precision=resolved,
+                schedule=schedule,
             )
     finally:
         _unfreeze(frozen)
@@ -544,9 +608,9 @@ def dp_for_run(config: RunConfig, *, noise_multiplier: float) -> DPParams:
 
 
 def train_for_run(loaded: LoadedModel, dataset: TokenizedDataset, train: TrainConfig, *,
-                  dp: DPParams | None, seed: int) -> TrainResult:
-    """:func:`train_local` with a run's ``[train]`` settings: the one place that maps them, for
-    the nodes and the canary audit."""
+                  dp: DPParams | None, seed: int, round: int, rounds: int) -> TrainResult:
+    """:func:`train_local` with a run's ``[train]`` settings for round ``round`` (1-based) of
+    ``rounds``: the one place that maps them, for the nodes and the canary audit."""
     return train_local(
         loaded, dataset, epochs=train.local_epochs, batch_size=train.batch_for(len(dataset)),
         physical_batch_size=train.physical_batch_size, learning_rate=train.learning_rate,
@@ -554,6 +618,8 @@ def train_for_run(loaded: LoadedModel, dataset: TokenizedDataset, train: TrainCo
         optimizer=train.optimizer, momentum=train.momentum,
         head_learning_rate=train.head_learning_rate, local_steps=train.local_steps,
         precision=train.precision,
+        schedule=LRSchedule.for_round(train.lr_schedule, round=round, rounds=rounds,
+                                      min_fraction=train.lr_min_fraction),
     )
 
 
@@ -614,6 +680,7 @@ def _train_dp(
     grad_sample_mode: str,
     local_steps: int | None = None,
     precision: str = "fp32",
+    schedule: LRSchedule | None = None,
 ) -> TrainResult:
     from opacus import PrivacyEngine
     from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
@@ -669,8 +736,12 @@ def _train_dp(
             # grad (the frozen base); that is expected with LoRA.
             warnings.filterwarnings("ignore", message="Full backward hook")
             # One Poisson-sampled logical batch (list of example indices) per DP step.
-            for logical in _logical_batches(lambda: iter(dp_loader.batch_sampler),
-                                            epochs=epochs, steps=local_steps):
+            # len(loader) = 1 / q Poisson draws per epoch.
+            planned = local_steps if local_steps is not None else epochs * len(loader)
+            for logical in _scheduled(
+                    _logical_batches(lambda: iter(dp_loader.batch_sampler), epochs=epochs,
+                                     steps=local_steps),
+                    optimizer, schedule=schedule, steps=planned):
                 if len(logical) == 0:
                     # Empty draw (probability (1-q)^N): nothing to clip or release. Count the
                     # step anyway so the ledger can only over-, never under-state epsilon.
@@ -740,6 +811,7 @@ def _train_no_dp(
     seed: int,
     local_steps: int | None = None,
     precision: str = "fp32",
+    schedule: LRSchedule | None = None,
 ) -> TrainResult:
     generator = torch.Generator().manual_seed(seed)
     n = len(dataset)
@@ -750,7 +822,9 @@ def _train_no_dp(
         return (perm[start : start + batch_size] for start in range(0, n, batch_size))
 
     lengths = dataset.lengths()
-    for logical in _logical_batches(epoch, epochs=epochs, steps=local_steps):
+    planned = local_steps if local_steps is not None else epochs * math.ceil(n / batch_size)
+    for logical in _scheduled(_logical_batches(epoch, epochs=epochs, steps=local_steps),
+                              optimizer, schedule=schedule, steps=planned):
         samples += len(logical)
         optimizer.zero_grad(set_to_none=True)
         for chunk in split_logical(logical, lengths, device=device,

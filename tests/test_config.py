@@ -233,6 +233,16 @@ def test_the_dry_run_plan_says_what_trains_and_for_how_many_steps():
         load_config(None, {"server_optimizer.kind": "fedyogi"})
     with pytest.raises(ConfigError, match="server_optimizer"):
         load_config(None, {"server_optimizer.beta1": 1.0})
+    # A decaying rate is in the plan and said; a constant one is not.
+    assert default["lr_schedule"] == {"kind": "constant", "min_fraction": 0.0}
+    assert "learning rate:" not in plan({}, as_json=False)
+    cos = {"train.lr_schedule": "cosine", "train.lr_min_fraction": 0.1}
+    assert ("learning rate: cosine over 2 rounds, from 0.01 (head 0.1) to 0.1 x that"
+            in plan(cos, as_json=False))
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        load_config(None, {"train.lr_schedule": "step"})
+    with pytest.raises(ConfigError, match="lr_min_fraction"):
+        load_config(None, {"train.lr_min_fraction": 1.5})
 
 
 def test_a_sampling_rate_gives_uneven_nodes_the_same_q_and_sigma():

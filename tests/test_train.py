@@ -10,7 +10,7 @@ from torch import nn
 from fedllm.data import encode_labels, read_table, tokenize
 from fedllm.model import load_model
 from fedllm.privacy import compute_epsilon
-from fedllm.train import DPParams, private_class_stats, train_local
+from fedllm.train import DPParams, LRSchedule, _scheduled, private_class_stats, train_local
 from tests.conftest import DEMO
 
 
@@ -619,3 +619,65 @@ def test_bf16_base_keeps_clip_norms_exact_in_fp32(setup, mode):
     assert r.clipping == mode and np.isfinite(r.mean_loss)
     assert all(v.dtype == np.float32 for v in after.values())
     assert any(not np.allclose(before[k], after[k]) for k in before)
+
+
+def test_cosine_schedule_values_and_round_stretches():
+    """The cosine curve over the run: full rate at the start, half way between full and the
+    floor at mid-run, the floor at the end; rounds tile [0, 1] so a federated run's steps follow
+    the same curve as a centralised run's over the same steps."""
+    full = LRSchedule("cosine", min_fraction=0.1)
+    assert full.factor(0, 10) == pytest.approx(1.0)
+    assert full.factor(5, 10) == pytest.approx(0.55)
+    assert full.factor(10, 10) == pytest.approx(0.1)
+    assert LRSchedule("constant").factor(7, 10) == 1.0
+    rounds = [LRSchedule.for_round("cosine", round=r, rounds=4, min_fraction=0.1)
+              for r in range(1, 5)]
+    assert [(s.start, s.end) for s in rounds] == [(0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1)]
+    # 4 rounds x 3 steps = the centralised run's 12 steps, factor for factor
+    fed = [s.factor(k, 3) for s in rounds for k in range(3)]
+    np.testing.assert_allclose(fed, [full.factor(k, 12) for k in range(12)])
+    assert all(np.diff(fed) < 0)  # strictly decaying
+    for bad in (dict(round=0, rounds=3), dict(round=4, rounds=3)):
+        with pytest.raises(ValueError, match="outside"):
+            LRSchedule.for_round("cosine", **bad)
+    with pytest.raises(ValueError, match="min_fraction"):
+        LRSchedule("cosine", min_fraction=1.5)
+    with pytest.raises(ValueError, match="stretch"):
+        LRSchedule("cosine", start=0.6, end=0.5)
+
+
+def test_scheduled_sets_each_group_rate_before_each_step():
+    p, q = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p], "lr": 1.0}, {"params": [q], "lr": 0.1}], lr=1.0)
+    sched = LRSchedule("cosine", min_fraction=0.0)
+    seen = [[g["lr"] for g in opt.param_groups] for _ in _scheduled(iter("abcd"), opt,
+                                                                       schedule=sched, steps=4)]
+    for k, (a, b) in enumerate(seen):
+        assert a == pytest.approx(sched.factor(k, 4)) and b == pytest.approx(0.1 * a)
+
+
+@pytest.mark.parametrize("dp", [None, DPParams(noise_multiplier=0.0, max_grad_norm=1e6)])
+def test_schedule_reaches_the_step_with_and_without_dp(setup, dp):
+    """One full-batch SGD step at the end of a cosine run with floor m is the step at rate
+    m × lr; with floor 0 nothing moves. Without DP and with DP (σ = 0, no clipping reached,
+    q = 1) alike: the schedule drives the optimizer DP-SGD steps, not a copy of it."""
+    lm, ds = setup
+    before = lm.adapter_state()
+    kw = dict(epochs=1, batch_size=len(ds), physical_batch_size=60, head_learning_rate=0.2,
+              seed=3, optimizer="sgd", dp=dp)
+    with _dropout_off(lm):
+        train_local(lm, ds, learning_rate=1e-2, **kw,
+                    schedule=LRSchedule("cosine", start=1.0, end=1.0, min_fraction=0.25))
+        scheduled = lm.adapter_state()
+        lm.load_adapter_state(before)
+        train_local(lm, ds, learning_rate=1e-2 * 0.25, **(kw | {"head_learning_rate": 0.05}))
+        scaled = lm.adapter_state()
+        lm.load_adapter_state(before)
+        train_local(lm, ds, learning_rate=1e-2, **kw,
+                    schedule=LRSchedule("cosine", start=1.0, end=1.0, min_fraction=0.0))
+        still = lm.adapter_state()
+        lm.load_adapter_state(before)
+    assert any(not np.allclose(before[k], scheduled[k]) for k in before)
+    for k in before:
+        np.testing.assert_allclose(scheduled[k], scaled[k], rtol=1e-4, atol=1e-7)
+        np.testing.assert_array_equal(still[k], before[k])

@@ -336,7 +336,9 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
     plan: dict[str, Any] = {"rounds": fed.rounds, "dp_enabled": p.enabled, "nodes": [],
                             "trains": list(t.trained_parts(cfg.model.task)),
                             "lora_a_frozen": cfg.lora.freeze_a,
-                            "server_optimizer": cfg.server_optimizer.model_dump()}
+                            "server_optimizer": cfg.server_optimizer.model_dump(),
+                            "lr_schedule": {"kind": t.lr_schedule,
+                                            "min_fraction": t.lr_min_fraction}}
     prior = cfg.center_prior()
     if prior and sizes:
         asked = class_stats_can_help(nodes=len(sizes), examples=sum(sizes), classes=classes,
@@ -392,6 +394,11 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
                       "seeded initialisation, FFA-LoRA)")
     if not cfg.server_optimizer.plain_fedavg:
         console.print(f"aggregation: {cfg.server_optimizer.describe()}")
+    if t.lr_schedule != "constant":
+        head = t.learning_rate if t.head_learning_rate is None else t.head_learning_rate
+        console.print(f"learning rate: {t.lr_schedule} over {fed.rounds} rounds, from "
+                      f"{t.learning_rate:g} (head {head:g}) "
+                      f"to {t.lr_min_fraction:g} x that by the last step")
     if not p.enabled:
         console.print("[bold red]DP OFF: no privacy plan (nothing bounds what updates reveal)[/]")
     else:
