@@ -164,7 +164,7 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
         rounds = int(per_epsilon(a.dp_rounds, eps)) if a.dp_rounds else a.rounds
     else:
         lr, head_lr, opt, batch = a.lr, a.head_lr, a.optimizer, a.batch_size
-        lora_clip, local_steps, rounds, rate = None, None, a.rounds, None
+        lora_clip, local_steps, rounds, rate = None, None, a.rounds, a.sample_rate
     # Each node's logical batch: --dp-sample-rate q gives every node the same q (B_i = q·N_i,
     # so uneven nodes get the same σ and a large node a large batch); else one B for all.
     rule = TrainConfig(sample_rate=rate) if rate else TrainConfig(batch_size=batch)
@@ -289,6 +289,11 @@ def main(argv: list[str] | None = None) -> dict:
                          "--dp-lr 1e-2 in 18 rounds x 2 steps; README 'Performance'); was "
                          "8:256,3:256,1:3000 (session 12, the head alone at ε = 1 at q = 1), "
                          "before that 8:512,3:1024,1:1536")
+    ap.add_argument("--sample-rate", type=float, default=None,
+                    help="non-private federated settings: each node's batch is q x its examples "
+                         "(train.sample_rate), so every node takes the same number of local "
+                         "steps a round instead of a fixed batch's n_i / B (big nodes many "
+                         "more); centralised keeps --batch-size")
     ap.add_argument("--dp-sample-rate", default="",
                     help="DP logical batch as a sampling rate q instead (once or per ε): each "
                          "node's expected batch is q x its examples, so uneven nodes share q "
