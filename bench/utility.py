@@ -254,8 +254,8 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                                             **server_cfg.model_dump())
             lm.load_adapter_state(new_state)
         out["noise_multipliers"] = [round(s, 4) for s in sigmas]
+        out["batch_sizes"] = batches
         if eps is not None:
-            out["batch_sizes"] = batches
             out["epsilon_spent"] = [round(compute_epsilon(h, delta=DELTA, accountant="prv"), 3)
                                     for h in histories]
     metrics = evaluate(lm, dev)

@@ -111,6 +111,18 @@ def test_utility_server_adam_and_distributed_noise_what_if(tmp_path):
     assert proc.returncode != 0 and "--dp-local-steps 1 --dp-optimizer sgd" in proc.stderr
 
 
+@pytest.mark.slow
+def test_utility_cosine_rate_and_one_sampling_rate(tmp_path):
+    """Non-private federated with --sample-rate (each node's batch q × its examples) and the
+    cosine rate: both recorded, and the batches follow q."""
+    row = run_bench("utility", ["--nodes", "3", "--examples-per-node", "64", "--eval-examples",
+                                "64", "--physical-batch-size", "32", "--settings", "federated",
+                                "--sample-rate", "0.25", "--lr-schedule", "cosine",
+                                "--lr-min-fraction", "0.1"], tmp_path)
+    assert row["config"]["lr_schedule"] == "cosine" and row["config"]["sample_rate"] == 0.25
+    assert row["settings"]["federated"]["batch_sizes"] == [16, 16, 16]
+
+
 def test_utility_split_keeps_skew_and_pooled_label_mix():
     """--quick's nodes: exactly per_node examples each, disjoint, strongly skewed, and together
     in the label proportions of the whole split (seed 0 of independent draws gave 22 %
