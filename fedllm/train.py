@@ -95,10 +95,11 @@ class LRSchedule:
     with m = ``min_fraction``, stepped per optimizer step; "constant": ``lr`` throughout.
     Why decay in a federation: with a constant local rate, FedAvg on non-IID nodes settles at a
     distance from the optimum that grows with the rate (client drift; Li et al. 2020, "On the
-    Convergence of FedAvg on Non-IID Data", prove a decaying rate is necessary). Under DP the
-    last steps' noise is what the final adapter keeps; a small final rate averages it out.
-    Centralised training with the same schedule over the same steps is the like-for-like
-    baseline (bench/utility.py).
+    Convergence of FedAvg on Non-IID Data", prove a decaying rate is necessary). Centralised
+    training with the same schedule over the same steps is the like-for-like baseline
+    (bench/utility.py). Measured on full-size SST-2 over 10 label-skewed nodes (README
+    "Performance", session 23): federated 0.8658 against 0.8624 constant, DP ε = 8 unchanged,
+    centralised 1.7 points lower; so it is an option, not the default.
     """
 
     kind: Schedule = "constant"
