@@ -230,6 +230,9 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
         for rnd in range(rounds):
             global_state = lm.adapter_state()
             updates = []
+            # Every node trains this round's stretch of the run's rate curve.
+            schedule = LRSchedule.for_round(a.lr_schedule, round=rnd + 1, rounds=rounds,
+                                            min_fraction=a.lr_min_fraction)
             for i, full in enumerate(nodes):
                 # The round's share of the node's data (all of it unless --local-fraction).
                 ds = full if len(shares[i]) == 1 else _take(full, shares[i][rnd % len(shares[i])])
@@ -241,9 +244,7 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                                 physical_batch_size=a.physical_batch_size, learning_rate=lr,
                                 dp=dp, seed=seed + 1000 * rnd + i, optimizer=opt,
                                 head_learning_rate=head_lr, local_steps=local_steps,
-                                schedule=LRSchedule.for_round(
-                                    a.lr_schedule, round=rnd + 1, rounds=rounds,
-                                    min_fraction=a.lr_min_fraction))
+                                schedule=schedule)
                 # The node's ε is the aggregate's: its steps at the calibrated σ (the same
                 # history as its own noise without --dp-distributed).
                 histories[i].extend((sigmas[i] if eps is not None else s, q, k)
@@ -361,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--server-beta1", type=float, default=0.9)
     ap.add_argument("--server-beta2", type=float, default=0.99)
     ap.add_argument("--server-eps", type=float, default=1e-8)
-    ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+    ap.add_argument("--lr-schedule", default="constant",
+                    choices=get_args(TrainConfig.model_fields["lr_schedule"].annotation),
                     help="every setting's local rate over the whole run (fedllm.train."
                          "LRSchedule, [train] lr_schedule): centralised over its steps, "
                          "federated over rounds (each round its stretch, per step)")

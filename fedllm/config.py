@@ -257,12 +257,17 @@ class TrainConfig(_Frozen):
     # label-skewed split at ε = 1 it is worth ~3 points (README "Performance").
     head_init: Literal["class-means", "random"] = "class-means"
 
+    @property
+    def head_rate(self) -> float:
+        """The head's learning rate in effect (head_learning_rate, or LoRA's when None)."""
+        return self.learning_rate if self.head_learning_rate is None else self.head_learning_rate
+
     def trained_parts(self, task: str) -> tuple[str, ...]:
         """What the local rounds train: "lora" and, for seq-cls, "head"; a part whose learning
         rate is 0 is frozen (fedllm.train._frozen_at_rate_zero)."""
-        head = self.learning_rate if self.head_learning_rate is None else self.head_learning_rate
         return tuple(name for name, rate in (("lora", self.learning_rate),
-                                             ("head", head if task == "seq-cls" else 0.0))
+                                             ("head", self.head_rate if task == "seq-cls"
+                                              else 0.0))
                      if rate > 0)
 
     def batch_for(self, num_examples: int) -> int:

@@ -395,9 +395,8 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
     if not cfg.server_optimizer.plain_fedavg:
         console.print(f"aggregation: {cfg.server_optimizer.describe()}")
     if t.lr_schedule != "constant":
-        head = t.learning_rate if t.head_learning_rate is None else t.head_learning_rate
         console.print(f"learning rate: {t.lr_schedule} over {fed.rounds} rounds, from "
-                      f"{t.learning_rate:g} (head {head:g}) "
+                      f"{t.learning_rate:g} (head {t.head_rate:g}) "
                       f"to {t.lr_min_fraction:g} x that by the last step")
     if not p.enabled:
         console.print("[bold red]DP OFF: no privacy plan (nothing bounds what updates reveal)[/]")
