@@ -35,7 +35,13 @@ from fedllm.data import encode_labels, partition_indices, read_table, tokenize
 from fedllm.evaluate import evaluate
 from fedllm.model import load_model, resolve_device, with_head
 from fedllm.privacy import compute_epsilon, plan_dp_sgd
-from fedllm.train import DPParams, LRSchedule, private_class_stats, train_local
+from fedllm.train import (
+    DPParams,
+    LRSchedule,
+    logit_adjustment,
+    private_class_stats,
+    train_local,
+)
 
 LABELS = ("0", "1")
 DEFAULTS = TrainConfig()  # fedllm's own training defaults
@@ -188,6 +194,7 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
     else:
         sigmas: list[float] = []
         histories: list[list[tuple[float, float, int]]] = [[] for _ in nodes]
+        rel: list[Any] = []  # the nodes' class-statistics releases (DP settings)
         if eps is not None and not a.no_center:
             # Each node releases DP per-class feature sums and counts (Gaussian, σ =
             # --center-noise, composed into its ε below); their example-weighted average, as
@@ -223,6 +230,17 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
         if a.local_fraction != 1.0 and (eps is not None or not 0 < a.local_fraction < 1):
             raise SystemExit("--local-fraction is for non-private federated settings, in (0, 1)")
         shares = [_shares(len(ds), a.local_fraction, seed=seed + i) for i, ds in enumerate(nodes)]
+        offsets: list[np.ndarray | None] = [None] * len(nodes)
+        if a.logit_adjust:
+            # Each node's label prior: its own counts without DP; under DP the noisy counts of
+            # its class-statistics release (post-processing: no further ε).
+            if eps is not None and a.no_center:
+                raise SystemExit("--logit-adjust under DP takes the counts from the class-"
+                                 "statistics release: drop --no-center")
+            counts = ([r.counts() for r in rel] if eps is not None else
+                      [np.bincount(ds.labels, minlength=2) for ds in nodes])
+            offsets = [logit_adjustment(c, tau=a.logit_adjust) for c in counts]
+            out["logit_offsets"] = [[round(float(v), 3) for v in o] for o in offsets]
         server = ServerOptState()
         server_cfg = ServerOptimizerConfig(
             kind=a.server_opt, learning_rate=a.server_lr, head_learning_rate=a.server_head_lr,
@@ -244,7 +262,7 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                                 physical_batch_size=a.physical_batch_size, learning_rate=lr,
                                 dp=dp, seed=seed + 1000 * rnd + i, optimizer=opt,
                                 head_learning_rate=head_lr, local_steps=local_steps,
-                                schedule=schedule)
+                                schedule=schedule, logit_offset=offsets[i])
                 # The node's ε is the aggregate's: its steps at the calibrated σ (the same
                 # history as its own noise without --dp-distributed).
                 histories[i].extend((sigmas[i] if eps is not None else s, q, k)
@@ -367,6 +385,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="every setting's local rate over the whole run (fedllm.train."
                          "LRSchedule, [train] lr_schedule): centralised over its steps, "
                          "federated over rounds (each round its stretch, per step)")
+    ap.add_argument("--logit-adjust", type=float, default=0.0,
+                    help="federated settings: each node trains on the logit-adjusted loss, "
+                         "logits + TAU log(its label prior) (fedllm.train.logit_adjustment; "
+                         "train.logit_adjustment); under DP the prior is from the node's noisy "
+                         "class-statistics counts. 0 = plain cross-entropy")
     ap.add_argument("--lr-min-fraction", type=float, default=0.0,
                     help="cosine: the final rate as a fraction of the base rate")
     ap.add_argument("--lora-r", type=int, default=8)

@@ -10,7 +10,14 @@ from torch import nn
 from fedllm.data import encode_labels, read_table, tokenize
 from fedllm.model import load_model
 from fedllm.privacy import compute_epsilon
-from fedllm.train import DPParams, LRSchedule, _scheduled, private_class_stats, train_local
+from fedllm.train import (
+    DPParams,
+    LRSchedule,
+    _scheduled,
+    logit_adjustment,
+    private_class_stats,
+    train_local,
+)
 from tests.conftest import DEMO
 
 
@@ -681,3 +688,74 @@ def test_schedule_reaches_the_step_with_and_without_dp(setup, dp):
     for k in before:
         np.testing.assert_allclose(scheduled[k], scaled[k], rtol=1e-4, atol=1e-7)
         np.testing.assert_array_equal(still[k], before[k])
+
+
+def test_logit_adjustment_is_tau_log_of_the_smoothed_prior():
+    np.testing.assert_allclose(logit_adjustment([3, 1], tau=1.0), np.log([4 / 6, 2 / 6]),
+                               rtol=1e-6)
+    np.testing.assert_allclose(logit_adjustment([3, 1], tau=0.5), 0.5 * np.log([4 / 6, 2 / 6]),
+                               rtol=1e-6)
+    # A class the node never saw: finite (add-one smoothing); noisy negative counts count as 0.
+    single = logit_adjustment([0, 12156], tau=1.0)
+    assert np.all(np.isfinite(single)) and single[0] == pytest.approx(np.log(1 / 12158))
+    np.testing.assert_array_equal(logit_adjustment([-4.2, 10], tau=1.0),
+                                  logit_adjustment([0, 10], tau=1.0))
+    assert not logit_adjustment([5, 7], tau=0.0).any()
+    for bad, match in (([3], "one count per class"), ([1, np.nan], "finite")):
+        with pytest.raises(ValueError, match=match):
+            logit_adjustment(bad, tau=1.0)
+    with pytest.raises(ValueError, match="tau"):
+        logit_adjustment([1, 1], tau=-1.0)
+
+
+@pytest.mark.parametrize("dp", [None, DPParams(noise_multiplier=0.0, max_grad_norm=1e6)])
+def test_logit_offset_enters_the_training_loss_with_and_without_dp(setup, dp):
+    """Adding o to the logits is a head whose bias is shifted by o: one full-batch SGD step
+    with offset o from bias b moves every tensor exactly as the plain step from bias b + o.
+    Without DP and with DP (σ = 0, no clipping reached, q = 1) alike, so the offset reaches
+    the loss DP-SGD differentiates, not only the non-private one."""
+    lm, ds = setup
+    before = lm.adapter_state()
+    bias = next(k for k in before if "head" in k and k.endswith("bias"))
+    offset = np.array([0.7, -1.3], np.float32)
+    kw = dict(epochs=1, batch_size=len(ds), physical_batch_size=60, learning_rate=1e-2,
+              head_learning_rate=0.2, seed=3, optimizer="sgd", dp=dp)
+    with _dropout_off(lm):
+        train_local(lm, ds, **kw, logit_offset=offset)
+        adjusted = lm.adapter_state()
+        lm.load_adapter_state(before | {bias: before[bias] + offset})
+        train_local(lm, ds, **kw)
+        shifted = lm.adapter_state()
+        lm.load_adapter_state(before)
+        train_local(lm, ds, **kw)
+        plain = lm.adapter_state()
+        lm.load_adapter_state(before)
+    shifted[bias] = shifted[bias] - offset
+    assert any(not np.allclose(adjusted[k], plain[k], atol=1e-6) for k in before)
+    for k in before:
+        np.testing.assert_allclose(adjusted[k], shifted[k], rtol=1e-4, atol=1e-6)
+
+
+def test_logit_offset_must_fit_a_classifier(setup, tiny_causal_lm):
+    lm, ds = setup
+    with pytest.raises(ValueError, match="2 classes"):
+        train_local(lm, ds, epochs=1, batch_size=len(ds), physical_batch_size=60,
+                    learning_rate=1e-3, dp=None, seed=0, logit_offset=np.zeros(3))
+    causal = load_model(str(tiny_causal_lm), task="causal-lm", seed=0)
+    t = read_table(DEMO / "sst2_train_sample.tsv", text_column="sentence", label_column=None,
+                   max_examples=8)
+    cds = tokenize(causal.tokenizer, t.texts, None, max_length=16)
+    with pytest.raises(ValueError, match="seq-cls"):
+        train_local(causal, cds, epochs=1, batch_size=8, physical_batch_size=8,
+                    learning_rate=1e-3, dp=None, seed=0, logit_offset=np.zeros(2))
+
+
+def test_class_stats_counts_are_the_released_counts(setup):
+    lm, ds = setup
+    y = np.asarray(ds.labels)
+    exact = private_class_stats(lm, ds, noise_multiplier=1e-6, seed=0).counts()
+    np.testing.assert_allclose(exact, np.bincount(y, minlength=2), atol=1e-3)
+    noisy = private_class_stats(lm, ds, noise_multiplier=4.0, seed=1).counts()
+    # Count noise: σ C / b per class (b² = 0.1 of the unit sensitivity), i.e. ~12.6 at σ = 4.
+    assert not np.allclose(noisy, exact, atol=1e-3)
+    assert np.all(np.abs(noisy - exact) < 6 * 4.0 / np.sqrt(0.1))
