@@ -244,6 +244,14 @@ class TrainConfig(_Frozen):
     # in 3 rounds of whole epochs it cost 1-2 points. Hence the constant default.
     lr_schedule: Literal["constant", "cosine"] = "constant"
     lr_min_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    # Logit adjustment τ for label-skewed nodes (0 = off; seq-cls): each node trains on the
+    # cross-entropy of logits + τ log π, π its own label prior (add-one smoothed), so its skew
+    # does not pull the shared head and LoRA towards its majority class (Menon et al. 2021;
+    # FedLC, Zhang et al. 2022; fedllm.train.logit_adjustment). The global model's logits are
+    # left balanced. Under DP the prior is the node's noisy counts from its class-statistics
+    # release (train.center_features; post-processing, no extra ε): a DP run without that
+    # release cannot use it, and a round after a skipped release trains without it (logged).
+    logit_adjustment: float = Field(0.0, ge=0.0, le=10.0)
     # Centre the head's input with the mean of the nodes' pooled features, from a DP release of
     # per-class feature sums and counts once before round 1 (seq-cls): without it, a few
     # large-batch AdamW steps on label-skewed nodes move the head along the features' common
@@ -470,6 +478,15 @@ class RunConfig(_Frozen):
         if self.grouped_clipping and trains != ("lora", "head"):
             raise ValueError("privacy.clip_groups='head-lora' clips the head and LoRA "
                              "separately; with one of them frozen (learning rate 0) use 'flat'")
+        if self.train.logit_adjustment > 0:
+            why = (f"model.task is {self.model.task!r} (seq-cls heads only)"
+                   if self.model.task != "seq-cls" else
+                   "under DP the label prior comes from the class-statistics release, and this "
+                   "run has none (train.center_features)"
+                   if self.privacy.enabled and not self.centers_features else None)
+            if why:
+                raise ValueError(f"train.logit_adjustment = {self.train.logit_adjustment:g} is "
+                                 f"not possible: {why}")
         if self.train.center_features == "on":
             why = ("privacy.enabled is false (the centre is a DP release)"
                    if not self.privacy.enabled else

@@ -53,7 +53,14 @@ from fedllm.protocol import (
 )
 from fedllm.sealed import SealedDir, SealedError
 from fedllm.store import fedllm_home
-from fedllm.train import DPParams, dp_for_run, private_class_stats, train_for_run
+from fedllm.train import (
+    DPParams,
+    dp_for_run,
+    logit_adjustment,
+    private_class_stats,
+    released_counts,
+    train_for_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -497,8 +504,16 @@ class NodeRuntime:
             metrics.update(num_examples=cs.num_examples, steps=1, sample_rate=1.0,
                            seconds=time.perf_counter() - t0)
         else:
+            offset = None
+            if cfg.train.logit_adjustment > 0:
+                counts = self._label_prior(cfg, ds, request.run_id, box=box, ledger=ledger,
+                                           classes=len(request.label_names))
+                metrics["logit_adjusted"] = float(counts is not None)
+                if counts is not None:
+                    offset = logit_adjustment(counts, tau=cfg.train.logit_adjustment)
             result = train_for_run(loaded, ds, cfg.train, dp=dp, seed=seed,
-                                   round=request.round, rounds=cfg.federation.rounds)
+                                   round=request.round, rounds=cfg.federation.rounds,
+                                   logit_offset=offset)
             arrays = loaded.adapter_state()
             if cfg.central_dp.enabled:
                 # Node-level DP: bound this node's influence before anything leaves it.
@@ -522,6 +537,27 @@ class NodeRuntime:
         reply.arrays = arrays
         reply.metrics = metrics
         return reply
+
+    @staticmethod
+    def _label_prior(cfg: RunConfig, ds: TokenizedDataset, run_id: str, *,
+                     box: SealedDir | None, ledger: NodeLedger | None,
+                     classes: int) -> np.ndarray | None:
+        """The class counts behind this node's logit adjustment (train.logit_adjustment):
+        without DP its own labels'; under DP the noisy counts of its class-statistics release
+        for this run (round 0, stored sealed), so the loss depends on the data only through a
+        release already in its ε. None (and a warning) when there is no such release."""
+        if not cfg.privacy.enabled:
+            assert ds.labels is not None
+            return np.bincount(np.asarray(ds.labels, np.int64), minlength=classes)
+        assert box is not None and ledger is not None
+        stored = load_release(box, run_id, 0) if ledger.has_round(run_id, 0) else None
+        if stored is None or STATS_KEY not in stored[0]:
+            log.warning("train.logit_adjustment: no class-statistics release of run %s on this "
+                        "node (the coordinator skipped it), so this round trains on plain "
+                        "cross-entropy", run_id)
+            return None
+        arrays, released = stored
+        return released_counts(arrays[STATS_KEY], num_examples=int(released["num_examples"]))
 
     @staticmethod
     def _refuse(reply: TrainReply, metrics: dict[str, float], ledger: NodeLedger | None,

@@ -284,10 +284,17 @@ class ClassStats:
         return [(self.noise_multiplier, 1.0, 1)]
 
     def counts(self) -> np.ndarray:
-        """The release's per-class example counts, shape (C,): noisy (DP, post-processing of the
-        release), unbiased, possibly negative or fractional."""
-        _, b = class_stats_weights()
-        return self.stats[:, -1].astype(np.float64) * self.num_examples / (b * self.clip_norm)
+        """The release's per-class example counts, shape (C,) (:func:`released_counts`)."""
+        return released_counts(self.stats, num_examples=self.num_examples,
+                               clip_norm=self.clip_norm)
+
+
+def released_counts(stats: np.ndarray, *, num_examples: int, clip_norm: float = 1.0
+                    ) -> np.ndarray:
+    """The per-class example counts in a node's class-statistics release ``stats`` (C, H + 1):
+    noisy (DP; reading them is post-processing), unbiased, possibly negative or fractional."""
+    _, b = class_stats_weights()
+    return np.asarray(stats, np.float64)[:, -1] * num_examples / (b * clip_norm)
 
 
 @torch.no_grad()
@@ -662,9 +669,12 @@ def dp_for_run(config: RunConfig, *, noise_multiplier: float) -> DPParams:
 
 
 def train_for_run(loaded: LoadedModel, dataset: TokenizedDataset, train: TrainConfig, *,
-                  dp: DPParams | None, seed: int, round: int, rounds: int) -> TrainResult:
+                  dp: DPParams | None, seed: int, round: int, rounds: int,
+                  logit_offset: np.ndarray | None = None) -> TrainResult:
     """:func:`train_local` with a run's ``[train]`` settings for round ``round`` (1-based) of
-    ``rounds``: the one place that maps them, for the nodes and the canary audit."""
+    ``rounds``: the one place that maps them, for the nodes and the canary audit.
+    ``logit_offset``: the node's :func:`logit_adjustment` when ``train.logit_adjustment`` is
+    on (the caller knows where its label prior may come from)."""
     return train_local(
         loaded, dataset, epochs=train.local_epochs, batch_size=train.batch_for(len(dataset)),
         physical_batch_size=train.physical_batch_size, learning_rate=train.learning_rate,
@@ -674,6 +684,7 @@ def train_for_run(loaded: LoadedModel, dataset: TokenizedDataset, train: TrainCo
         precision=train.precision,
         schedule=LRSchedule.for_round(train.lr_schedule, round=round, rounds=rounds,
                                       min_fraction=train.lr_min_fraction),
+        logit_offset=logit_offset,
     )
 
 

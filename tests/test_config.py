@@ -243,6 +243,27 @@ def test_the_dry_run_plan_says_what_trains_and_for_how_many_steps():
         load_config(None, {"train.lr_schedule": "step"})
     with pytest.raises(ConfigError, match="lr_min_fraction"):
         load_config(None, {"train.lr_min_fraction": 1.5})
+    # Logit adjustment: off by default; said, with where each node's prior comes from.
+    assert default["logit_adjustment"] == 0.0 and "logit-adjusted" not in plan({}, as_json=False)
+    assert ("adding 1 x log(its label prior) to its logits in training (prior from its noisy "
+            "counts in the class-statistics release)"
+            in plan({"train.logit_adjustment": 1.0}, as_json=False))
+    no_dp = {"privacy.enabled": False, "privacy.allow_no_dp": True, "train.logit_adjustment": 1}
+    assert "(prior from its own label counts)" in plan(no_dp, as_json=False)
+
+
+def test_logit_adjustment_needs_a_head_and_under_dp_the_release():
+    for over, needle in (
+            ({"model.task": "causal-lm"}, "seq-cls heads only"),
+            ({"train.center_features": "off"}, "class-statistics release"),
+            ({"central_dp.enabled": True}, "class-statistics release")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(None, {**over, "train.logit_adjustment": 1.0})
+    with pytest.raises(ConfigError, match="logit_adjustment"):
+        load_config(None, {"train.logit_adjustment": -1.0})
+    assert load_config(None, {"privacy.enabled": False, "privacy.allow_no_dp": True,
+                              "train.center_features": "off", "train.logit_adjustment": 0.5}
+                       ).train.logit_adjustment == 0.5
 
 
 def test_a_sampling_rate_gives_uneven_nodes_the_same_q_and_sigma():

@@ -315,3 +315,53 @@ def test_a_node_takes_its_batch_from_the_sampling_rate(runtime_and_config, tmp_p
                        target_epsilon=4.0, delta=1e-5, accountant="prv")
     assert r.ok and r.metrics["sample_rate"] == 0.25 == plan.sample_rate
     assert r.metrics["steps"] == 4 and r.metrics["noise_multiplier"] == plan.noise_multiplier
+
+
+def test_logit_adjustment_takes_the_prior_from_the_release_under_dp(runtime_and_config,
+                                                                     tmp_path, monkeypatch):
+    """Under DP a node's label prior is the noisy counts of its own round-0 release (no data
+    read beyond what is in its ε); without the release it trains plain cross-entropy and says
+    so; without DP it uses its own labels. The real training runs; the spy only records the
+    offset the node hands it."""
+    import fedllm.node as node_module
+    from fedllm.protocol import PHASE_CENTER, STATS_KEY
+    from fedllm.train import logit_adjustment, released_counts
+
+    offsets = []
+    real = node_module.train_for_run
+
+    def spy(*args, **kwargs):
+        offsets.append(kwargs["logit_offset"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(node_module, "train_for_run", spy)
+    rt, base, arrays = runtime_and_config
+    cfg = load_config(None, {"data.max_examples": 120, "federation.num_nodes": 2,
+                             "federation.rounds": 2, "train.batch_size": 30,
+                             "train.physical_batch_size": 30, "privacy.target_epsilon": 4.0,
+                             "train.logit_adjustment": 1.0})
+    ident, spec = NodeIdentity("node-0", tmp_path), simulated_node_data(cfg, 0)
+    zeros = {STATS_KEY: np.zeros((2, 385), np.float32)}
+    r0 = rt.train(TrainRequest("run-a", 0, cfg, ("0", "1"), zeros, phase=PHASE_CENTER),
+                  identity=ident, data=spec)
+    r1 = rt.train(request(cfg, arrays, 1), identity=ident, data=spec)
+    assert r0.ok and r1.ok and r1.metrics["logit_adjusted"] == 1.0
+    counts = released_counts(r0.arrays[STATS_KEY], num_examples=54)
+    np.testing.assert_array_equal(offsets[-1], logit_adjustment(counts, tau=1.0))
+    assert not np.allclose(counts, np.round(counts))  # noisy: not the node's exact counts
+    # no release of this run (the coordinator skipped it): plain cross-entropy, said
+    skipped = rt.train(request(cfg, arrays, 1, run_id="run-s"),
+                       identity=NodeIdentity("node-0", tmp_path / "s"), data=spec)
+    assert skipped.ok and skipped.metrics["logit_adjusted"] == 0.0 and offsets[-1] is None
+    # without DP: the node's own label counts (integers summing to its 54 examples)
+    no_dp = load_config(None, {"data.max_examples": 120, "federation.num_nodes": 2,
+                               "train.batch_size": 30, "train.physical_batch_size": 30,
+                               "privacy.enabled": False, "privacy.allow_no_dp": True,
+                               "train.logit_adjustment": 1.0})
+    r = rt.train(request(no_dp, arrays, 1, run_id="run-n"),
+                 identity=NodeIdentity("node-0", tmp_path / "n", allow_no_dp=True), data=spec)
+    assert r.ok and r.metrics["logit_adjusted"] == 1.0
+    own = np.exp(offsets[-1].astype(np.float64)) * (54 + 2) - 1  # undo the add-one smoothing
+    np.testing.assert_allclose(own, np.round(own), atol=1e-3)
+    assert round(own.sum()) == 54 and (own > 0).all()
+    assert base.train.logit_adjustment == 0.0  # the default run is not adjusted

@@ -338,7 +338,8 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
                             "lora_a_frozen": cfg.lora.freeze_a,
                             "server_optimizer": cfg.server_optimizer.model_dump(),
                             "lr_schedule": {"kind": t.lr_schedule,
-                                            "min_fraction": t.lr_min_fraction}}
+                                            "min_fraction": t.lr_min_fraction},
+                            "logit_adjustment": t.logit_adjustment}
     prior = cfg.center_prior()
     if prior and sizes:
         asked = class_stats_can_help(nodes=len(sizes), examples=sum(sizes), classes=classes,
@@ -398,6 +399,11 @@ def print_plan(console: Console, cfg: RunConfig, sizes: list[int], *, as_json: b
         console.print(f"learning rate: {t.lr_schedule} over {fed.rounds} rounds, from "
                       f"{t.learning_rate:g} (head {t.head_rate:g}) "
                       f"to {t.lr_min_fraction:g} x that by the last step")
+    if t.logit_adjustment > 0:
+        prior = ("its noisy counts in the class-statistics release" if p.enabled
+                 else "its own label counts")
+        console.print(f"loss: logit-adjusted, each node adding {t.logit_adjustment:g} x "
+                      f"log(its label prior) to its logits in training (prior from {prior})")
     if not p.enabled:
         console.print("[bold red]DP OFF: no privacy plan (nothing bounds what updates reveal)[/]")
     else:
