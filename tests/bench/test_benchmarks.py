@@ -123,6 +123,24 @@ def test_utility_cosine_rate_and_one_sampling_rate(tmp_path):
     assert row["settings"]["federated"]["batch_sizes"] == [16, 16, 16]
 
 
+@pytest.mark.slow
+def test_utility_logit_adjustment_priors(tmp_path):
+    """--logit-adjust: non-private nodes use their own label counts (an exact smoothed prior:
+    the two offsets' exponentials sum to 1), DP nodes the noisy counts of their release."""
+    import math
+
+    row = run_bench("utility", ["--smoke", "--settings", "federated,federated_dp_eps8",
+                                "--epsilons", "8", "--logit-adjust", "1"], tmp_path)
+    assert row["config"]["logit_adjust"] == 1.0
+    for name in ("federated", "federated_dp_eps8"):
+        offsets = row["settings"][name]["logit_offsets"]
+        assert len(offsets) == 3 and all(len(o) == 2 for o in offsets)
+        assert all(math.isclose(sum(math.exp(v) for v in o), 1.0, abs_tol=5e-3)
+                   for o in offsets)
+    assert row["settings"]["federated"]["logit_offsets"] != \
+        row["settings"]["federated_dp_eps8"]["logit_offsets"]
+
+
 def test_utility_split_keeps_skew_and_pooled_label_mix():
     """--quick's nodes: exactly per_node examples each, disjoint, strongly skewed, and together
     in the label proportions of the whole split (seed 0 of independent draws gave 22 %
