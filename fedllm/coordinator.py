@@ -488,7 +488,9 @@ class Coordinator:
             self.store.update_run(self.run_id, feature_center=skipped)
             self._warn(f"class-statistics release not asked for ({skipped['reason']}): the "
                        "head trains uncentred from its random initialisation; no node spent ε "
-                       "on it")
+                       "on it" + ("; train.logit_adjustment, whose DP label priors come from "
+                                  "it, is off for this run's nodes"
+                                  if cfg.train.logit_adjustment > 0 else ""))
             return [], [("coordinator", "feature_center", {**skipped, "center_sha256": None})], \
                 None
         request = TrainRequest(self.run_id, 0, cfg, label_names, template, phase=PHASE_CENTER)
