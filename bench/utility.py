@@ -238,7 +238,7 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                 raise SystemExit("--logit-adjust under DP takes the counts from the class-"
                                  "statistics release: drop --no-center")
             counts = ([r.counts() for r in rel] if eps is not None else
-                      [np.bincount(ds.labels, minlength=2) for ds in nodes])
+                      [np.bincount(ds.labels, minlength=len(LABELS)) for ds in nodes])
             offsets = [logit_adjustment(c, tau=a.logit_adjust) for c in counts]
             out["logit_offsets"] = [[round(float(v), 3) for v in o] for o in offsets]
         server = ServerOptState()

@@ -217,6 +217,16 @@ def class_stats_weights() -> tuple[float, float]:
     return float(np.sqrt(1.0 - CLASS_STATS_COUNT_SHARE)), float(np.sqrt(CLASS_STATS_COUNT_SHARE))
 
 
+def released_counts(stats: np.ndarray, *, num_examples: float, clip_norm: float = 1.0
+                    ) -> np.ndarray:
+    """The per-class example counts in a class-statistics release ``stats`` (C, H + 1) of
+    ``num_examples`` examples (1: the class shares n_c / N): its count column, scaled back by
+    b C_clip. Noisy (DP; reading them is post-processing), unbiased, possibly negative or
+    fractional."""
+    _, b = class_stats_weights()
+    return np.asarray(stats, np.float64)[:, -1] * num_examples / (b * clip_norm)
+
+
 # A noisy centre is used only when its estimated signal is at least this many times the
 # expected norm of its noise: centring on (mean + noise) leaves the head an offset of -noise
 # instead of the mean, so a centre dominated by noise would be no better than none and could
@@ -333,7 +343,7 @@ def estimate_class_stats(mean: np.ndarray, *, nodes: int, examples: int,
     raw_var = nodes * (noise_multiplier * clip_norm) ** 2 / examples ** 2  # per coord of M
     var = raw_var / a ** 2  # per coordinate of A
     sums = m[:, :hidden] / a  # (C, H) ≈ S_c / N
-    shares = m[:, hidden] / (b * clip_norm)  # (C,) ≈ n_c / N
+    shares = released_counts(m, num_examples=1, clip_norm=clip_norm)  # (C,) ≈ n_c / N
     share_std = np.sqrt(raw_var) / (b * clip_norm)
     # The class shares sum to exactly 1 (Σ_c n_c = N, the public number of examples): project
     # the noisy ones onto that plane (least squares; halves their noise at C = 2), and take the

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedllm.aggregate import clip_update
+from fedllm.aggregate import clip_update, released_counts
 from fedllm.config import NodeConfig, RedactionConfig, RunConfig
 from fedllm.data import (
     DataError,
@@ -58,7 +58,6 @@ from fedllm.train import (
     dp_for_run,
     logit_adjustment,
     private_class_stats,
-    released_counts,
     train_for_run,
 )
 

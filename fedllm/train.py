@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedllm import grad_sample
-from fedllm.aggregate import class_stats_weights
+from fedllm.aggregate import class_stats_weights, released_counts
 from fedllm.data import Collator, TokenizedDataset
 from fedllm.model import HEAD_MODULE, LoadedModel, SequenceClassifier
 
@@ -287,14 +287,6 @@ class ClassStats:
         """The release's per-class example counts, shape (C,) (:func:`released_counts`)."""
         return released_counts(self.stats, num_examples=self.num_examples,
                                clip_norm=self.clip_norm)
-
-
-def released_counts(stats: np.ndarray, *, num_examples: int, clip_norm: float = 1.0
-                    ) -> np.ndarray:
-    """The per-class example counts in a node's class-statistics release ``stats`` (C, H + 1):
-    noisy (DP; reading them is post-processing), unbiased, possibly negative or fractional."""
-    _, b = class_stats_weights()
-    return np.asarray(stats, np.float64)[:, -1] * num_examples / (b * clip_norm)
 
 
 @torch.no_grad()

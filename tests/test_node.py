@@ -324,8 +324,9 @@ def test_logit_adjustment_takes_the_prior_from_the_release_under_dp(runtime_and_
     so; without DP it uses its own labels. The real training runs; the spy only records the
     offset the node hands it."""
     import fedllm.node as node_module
+    from fedllm.aggregate import released_counts
     from fedllm.protocol import PHASE_CENTER, STATS_KEY
-    from fedllm.train import logit_adjustment, released_counts
+    from fedllm.train import logit_adjustment
 
     offsets = []
     real = node_module.train_for_run
