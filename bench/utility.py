@@ -227,6 +227,13 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
             if len(scales) != 1:
                 raise SystemExit("--dp-distributed needs one N_i / B_i on every node")
             share = 1.0 / np.sqrt(a.dp_distributed)
+        if eps is not None and a.dp_noise_scale != 1.0:
+            # A diagnostic, not a private run: the same recipe (clipping, steps, rates) with
+            # each node's training noise scaled, 0 for none. The recorded ε is that of the
+            # noise actually added (none at 0: "epsilon_spent" is null).
+            if a.dp_distributed:
+                raise SystemExit("--dp-noise-scale and --dp-distributed do not combine")
+            share = a.dp_noise_scale
         if a.local_fraction != 1.0 and (eps is not None or not 0 < a.local_fraction < 1):
             raise SystemExit("--local-fraction is for non-private federated settings, in (0, 1)")
         shares = [_shares(len(ds), a.local_fraction, seed=seed + i) for i, ds in enumerate(nodes)]
@@ -264,8 +271,10 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                                 head_learning_rate=head_lr, local_steps=local_steps,
                                 schedule=schedule, logit_offset=offsets[i])
                 # The node's ε is the aggregate's: its steps at the calibrated σ (the same
-                # history as its own noise without --dp-distributed).
-                histories[i].extend((sigmas[i] if eps is not None else s, q, k)
+                # history as its own noise without --dp-distributed; with --dp-noise-scale
+                # the noise it did add).
+                noted = sigmas[i] if eps is not None and a.dp_distributed else None
+                histories[i].extend((noted if noted is not None else s, q, k)
                                     for s, q, k in r.history)
                 updates.append((lm.adapter_state(), float(len(full))))
             # The coordinator's step from the FedAvg of the adapters (plain FedAvg by default).
@@ -275,8 +284,9 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
         out["noise_multipliers"] = [round(s, 4) for s in sigmas]
         out["batch_sizes"] = batches
         if eps is not None:
-            out["epsilon_spent"] = [round(compute_epsilon(h, delta=DELTA, accountant="prv"), 3)
-                                    for h in histories]
+            out["epsilon_spent"] = (
+                [round(compute_epsilon(h, delta=DELTA, accountant="prv"), 3)
+                 for h in histories] if share > 0 else None)  # no noise: not private
     metrics = evaluate(lm, dev)
     out.update(accuracy=round(metrics["accuracy"], 4), f1_macro=round(metrics["f1_macro"], 4),
                seconds=round(time.perf_counter() - t0, 1))
@@ -358,6 +368,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="what-if, not fedllm's guarantee: each node adds 1/sqrt(k) of the "
                          "noise (distributed DP under secure aggregation, k honest nodes); "
                          "needs --dp-local-steps 1 --dp-optimizer sgd")
+    ap.add_argument("--dp-noise-scale", type=float, default=1.0,
+                    help="diagnostic, not private: scale each node's DP-SGD noise by this "
+                         "(0: clipping and the DP recipe without noise); ε is reported for the "
+                         "noise added")
     ap.add_argument("--dp-lora-noise-share", type=float, default=0.5,
                     help="grouped clipping: LoRA's share a² of the unit sensitivity")
     ap.add_argument("--center-noise", default="4",
