@@ -29,7 +29,7 @@ from typing import Any, get_args
 import numpy as np
 
 from bench._common import finish, set_threads, sst2_paths
-from fedllm.aggregate import ServerOptState, estimate_class_stats, fedavg, server_step
+from fedllm.aggregate import ServerOptState, ema_update, estimate_class_stats, fedavg, server_step
 from fedllm.config import ServerOptimizerConfig, TrainConfig
 from fedllm.data import encode_labels, partition_indices, read_table, tokenize
 from fedllm.evaluate import evaluate
@@ -252,6 +252,9 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
         server_cfg = ServerOptimizerConfig(
             kind=a.server_opt, learning_rate=a.server_lr, head_learning_rate=a.server_head_lr,
             beta1=a.server_beta1, beta2=a.server_beta2, eps=a.server_eps)
+        # Moving averages of the global adapter over rounds, evaluated at the end beside the
+        # last round's adapter (post-processing: they change neither training nor ε).
+        emas: dict[float, dict[str, np.ndarray] | None] = dict.fromkeys(a.ema, None)
         for rnd in range(rounds):
             global_state = lm.adapter_state()
             updates = []
@@ -281,6 +284,7 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
             new_state, server = server_step(global_state, fedavg(updates), server,
                                             **server_cfg.model_dump())
             lm.load_adapter_state(new_state)
+            emas = {d: ema_update(e, new_state, decay=d) for d, e in emas.items()}
         out["noise_multipliers"] = [round(s, 4) for s in sigmas]
         out["batch_sizes"] = batches
         if eps is not None:
@@ -289,7 +293,17 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                  for h in histories] if share > 0 else None)  # no noise: not private
     metrics = evaluate(lm, dev)
     out.update(accuracy=round(metrics["accuracy"], 4), f1_macro=round(metrics["f1_macro"], 4),
-               seconds=round(time.perf_counter() - t0, 1))
+               seconds=round(time.perf_counter() - t0, 1))  # before the EMAs' evaluations
+    if federated and a.ema:
+        final = lm.adapter_state()
+        out["ema"] = {}
+        for d, e in emas.items():
+            assert e is not None  # at least one round ran
+            lm.load_adapter_state(e)
+            m = evaluate(lm, dev)
+            out["ema"][str(d)] = {"accuracy": round(m["accuracy"], 4),
+                                  "f1_macro": round(m["f1_macro"], 4)}
+        lm.load_adapter_state(final)
     return out
 
 
@@ -368,6 +382,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="what-if, not fedllm's guarantee: each node adds 1/sqrt(k) of the "
                          "noise (distributed DP under secure aggregation, k honest nodes); "
                          "needs --dp-local-steps 1 --dp-optimizer sgd")
+    ap.add_argument("--ema", default="", type=lambda v: [float(x) for x in v.split(",") if x],
+                    help="federated settings: also evaluate exponential moving averages of the "
+                         "global adapter over rounds with these decays (e.g. 0.9,0.95; "
+                         "fedllm.aggregate.ema_update), reported under 'ema' beside the last "
+                         "round's adapter")
     ap.add_argument("--dp-noise-scale", type=float, default=1.0,
                     help="diagnostic, not private: scale each node's DP-SGD noise by this "
                          "(0: clipping and the DP recipe without noise); ε is reported for the "

@@ -154,6 +154,26 @@ def server_step(global_state: Arrays, aggregate: Arrays, state: ServerOptState, 
     return new, ServerOptState(step=t, m=m_out, v=v_out)
 
 
+def ema_update(average: Arrays | None, state: Arrays, *, decay: float) -> dict[str, np.ndarray]:
+    """One step of an exponential moving average of the global adapter over rounds:
+    ``decay · average + (1 − decay) · state`` per tensor, ``state`` itself on the first round
+    (``average`` None).
+
+    Averaging iterates (Polyak–Ruppert; De et al. 2022 for DP-SGD) damps the random walk that
+    each round's noisy step adds, at no privacy cost: it only post-processes the global
+    adapters every party already sees. Accumulates in float64, returns float32.
+    """
+    if not 0 <= decay < 1:
+        raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+    if average is None:
+        return {k: np.asarray(v, np.float32) for k, v in state.items()}
+    if set(average) != set(state):
+        raise ValueError("EMA and adapter state name different tensors")
+    return {k: (decay * np.asarray(average[k], np.float64)
+                + (1 - decay) * np.asarray(v, np.float64)).astype(np.float32)
+            for k, v in state.items()}
+
+
 def reject_outliers(norms: Mapping[str, float], *, factor: float) -> dict[str, str]:
     """Median rule: updates farther than ``factor`` × the median distance are outliers.
 

@@ -10,6 +10,7 @@ from fedllm.aggregate import (
     class_stats_can_help,
     class_stats_noise_norm,
     class_stats_weights,
+    ema_update,
     estimate_class_stats,
     fedavg,
     server_step,
@@ -279,3 +280,18 @@ def test_head_prefix_is_the_models_head_module():
 def test_server_step_rejects_bad_settings(kw):
     with pytest.raises(ValueError):
         server_step(REF, REF, ServerOptState(), kind="fedadam", **kw)
+
+
+def test_ema_update_averages_rounds_and_starts_from_the_first():
+    first = {"a": np.array([1.0, 2.0], np.float32)}
+    second = {"a": np.array([3.0, 6.0], np.float32)}
+    avg = ema_update(None, first, decay=0.9)
+    np.testing.assert_array_equal(avg["a"], first["a"])
+    avg = ema_update(avg, second, decay=0.9)
+    np.testing.assert_allclose(avg["a"], [1.2, 2.4], rtol=1e-6)  # 0.9·first + 0.1·second
+    assert avg["a"].dtype == np.float32
+    assert ema_update(avg, second, decay=0.0)["a"].tolist() == [3.0, 6.0]
+    with pytest.raises(ValueError, match="decay"):
+        ema_update(avg, second, decay=1.0)
+    with pytest.raises(ValueError, match="different tensors"):
+        ema_update(avg, {"b": second["a"]}, decay=0.5)

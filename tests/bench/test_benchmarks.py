@@ -112,15 +112,20 @@ def test_utility_server_adam_and_distributed_noise_what_if(tmp_path):
 
 
 @pytest.mark.slow
-def test_utility_noise_scale_diagnostic_reports_the_noise_added(tmp_path):
+def test_utility_noise_scale_diagnostic_and_ema(tmp_path):
     """--dp-noise-scale runs the DP recipe with scaled noise: ε is that of the noise added
-    (half the calibrated σ spends more than the target), and none at all is no ε (null)."""
+    (half the calibrated σ spends more than the target), and none at all is no ε (null).
+    --ema evaluates moving averages of the global adapter too."""
     small = ["--nodes", "3", "--examples-per-node", "64", "--eval-examples", "64",
              "--dp-batch-size", "32", "--physical-batch-size", "32", "--epsilons", "8",
              "--settings", "federated_dp_eps8", "--dp-rounds", "2", "--dp-local-steps", "1"]
-    half = run_bench("utility", [*small, "--dp-noise-scale", "0.5"], tmp_path / "half")
-    assert half["config"]["dp_noise_scale"] == 0.5
-    assert all(e > 8.5 for e in half["settings"]["federated_dp_eps8"]["epsilon_spent"])
+    half = run_bench("utility", [*small, "--dp-noise-scale", "0.5", "--ema", "0.5"],
+                     tmp_path / "half")
+    assert half["config"]["dp_noise_scale"] == 0.5 and half["config"]["ema"] == [0.5]
+    setting = half["settings"]["federated_dp_eps8"]
+    assert all(e > 8.5 for e in setting["epsilon_spent"])
+    # The moving average of the 2 rounds' adapters is evaluated beside the last one.
+    assert 0 <= setting["ema"]["0.5"]["accuracy"] <= 1
     none = run_bench("utility", [*small, "--dp-noise-scale", "0"], tmp_path / "none")
     assert none["settings"]["federated_dp_eps8"]["epsilon_spent"] is None
 
