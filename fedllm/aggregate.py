@@ -69,30 +69,41 @@ ServerOptimizerKind = Literal["fedavg", "fedavgm", "fedadam"]
 
 @dataclass(frozen=True)
 class ServerOptState:
-    """A server optimizer's state between rounds: its step count and moment estimates per
-    adapter tensor (float64). Small (twice the adapter) and carried across rounds in the
-    round checkpoint, so a resumed run continues the same trajectory."""
+    """A server optimizer's state between rounds: its step count, moment estimates per adapter
+    tensor (float64) and, with ``server_optimizer.ema_decay``, the moving average of the
+    global adapter (float32). Small (at most three times the adapter) and carried across
+    rounds in the round checkpoint, so a resumed run continues the same trajectory."""
 
     step: int = 0
     m: Mapping[str, np.ndarray] = field(default_factory=dict)  # fedavgm: momentum buffer
     v: Mapping[str, np.ndarray] = field(default_factory=dict)  # fedadam: second moment
+    ema: Mapping[str, np.ndarray] = field(default_factory=dict)  # ema_update's average
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Flat form for a checkpoint (names prefixed ``m/`` and ``v/``)."""
+        """Flat form for a checkpoint (names prefixed ``m/``, ``v/`` and ``ema/``)."""
         out = {"step": np.asarray([self.step], np.int64)}
         out.update({f"m/{k}": a for k, a in self.m.items()})
         out.update({f"v/{k}": a for k, a in self.v.items()})
+        out.update({f"ema/{k}": a for k, a in self.ema.items()})
         return out
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> ServerOptState:
         if "step" not in arrays:
             raise ValueError("server optimizer state has no step count")
+
+        def part(prefix: str, dtype: type) -> dict[str, np.ndarray]:
+            return {k[len(prefix):]: np.asarray(a, dtype) for k, a in arrays.items()
+                    if k.startswith(prefix)}
+
         return cls(step=int(np.asarray(arrays["step"]).reshape(-1)[0]),
-                   m={k[2:]: np.asarray(a, np.float64) for k, a in arrays.items()
-                      if k.startswith("m/")},
-                   v={k[2:]: np.asarray(a, np.float64) for k, a in arrays.items()
-                      if k.startswith("v/")})
+                   m=part("m/", np.float64), v=part("v/", np.float64),
+                   ema=part("ema/", np.float32))
+
+    def output(self, global_state: Arrays) -> dict[str, np.ndarray]:
+        """The run's output model: the moving average when one is kept, else the global
+        adapter itself."""
+        return dict(self.ema if self.ema else global_state)
 
 
 def server_step(global_state: Arrays, aggregate: Arrays, state: ServerOptState, *,
@@ -151,7 +162,7 @@ def server_step(global_state: Arrays, aggregate: Arrays, state: ServerOptState, 
         else:
             raise ValueError(f"unknown server optimizer {kind!r}")
         new[name] = (ref64 + lr * step).astype(np.float32)
-    return new, ServerOptState(step=t, m=m_out, v=v_out)
+    return new, ServerOptState(step=t, m=m_out, v=v_out, ema=state.ema)
 
 
 def ema_update(average: Arrays | None, state: Arrays, *, decay: float) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ from fedllm.aggregate import (
     central_dp_average,
     class_stats_can_help,
     class_stats_noise_norm,
+    ema_update,
     estimate_class_stats,
     fedavg,
     reject_outliers,
@@ -83,10 +84,10 @@ SERVER_STATE_PREFIX = "server_optimizer/"
 
 
 def pack_checkpoint(state: dict[str, np.ndarray], server: ServerOptState) -> bytes:
-    """A round's checkpoint: the global adapter and, once it has stepped, the server
-    optimizer's state."""
+    """A round's checkpoint: the global adapter and, once it has stepped or averaged, the
+    server optimizer's state."""
     extra = ({SERVER_STATE_PREFIX + k: a for k, a in server.to_arrays().items()}
-             if server.step else {})
+             if server.step or server.ema else {})
     return pack_state(state | extra)
 
 
@@ -332,7 +333,9 @@ class Coordinator:
                 if self.observer:
                     self.observer.round_finished(report)
                 last_round = rnd
-            self._final_node_evaluation(transport, global_state, label_names, last_round)
+            # The run's output: the moving average of the global adapter if one is kept.
+            output = self._server.output(global_state)
+            self._final_node_evaluation(transport, output, label_names, last_round)
         except (KeyboardInterrupt, RunInterrupted) as e:
             self._end("interrupted", str(e) or "interrupted by the user")
             raise
@@ -342,7 +345,7 @@ class Coordinator:
             self._end("failed", msg)
             raise
         self._end("finished", None, stopped_early=stopped,
-                  adapter_sha256=state_digest(global_state))
+                  adapter_sha256=state_digest(self._server.output(global_state)))
         return RunSummary(self.run_id, "finished", reports, adapter_path, str(self.store.path),
                           model_bytes, adapter_bytes, stopped_early=stopped)
 
@@ -421,20 +424,27 @@ class Coordinator:
             self._record_ledgers(att.ledgers)
             if att.new_state is not None:
                 # The config's fields are server_step's keyword arguments.
-                att.new_state, server = server_step(
-                    global_state, att.new_state, self._server,
-                    **self.config.server_optimizer.model_dump())
+                opt = self.config.server_optimizer
+                att.new_state, server = server_step(global_state, att.new_state, self._server,
+                                                    **opt.step_arguments())
                 if self.config.lora.freeze_a:
                     # Nobody trains A (FFA-LoRA): it stays the run's shared initialisation.
                     # Under central DP this also drops the noise the release added to it
                     # (post-processing), so A does not drift by noise round after round.
                     att.new_state.update({k: v for k, v in global_state.items() if is_lora_a(k)})
-                loaded.load_adapter_state(att.new_state)
+                if opt.ema_decay:
+                    # The output model is the moving average; the nodes train on from the
+                    # round's global adapter (att.new_state).
+                    server = replace(server, ema=ema_update(server.ema or None, att.new_state,
+                                                            decay=opt.ema_decay))
+                output = server.output(att.new_state)
+                loaded.load_adapter_state(output)  # evaluated now, saved by _run
                 metrics = self.evaluator.global_model(rnd, loaded)
                 digest = state_digest(att.new_state)
                 att.audit.append(("coordinator", "round_completed", {
                     "round": rnd, "attempt": attempt, "metrics": metrics,
                     "aggregated": att.num_aggregated, "adapter_sha256": digest,
+                    **({"output_sha256": state_digest(output)} if opt.ema_decay else {}),
                     "participants": [{k: r.get(k) for k in ("node_id", "status", "reason",
                                                             "epsilon")} for r in att.rows]}))
                 self.store.record_round(self.run_id, rnd, started_at=t0,

@@ -295,3 +295,17 @@ def test_ema_update_averages_rounds_and_starts_from_the_first():
         ema_update(avg, second, decay=1.0)
     with pytest.raises(ValueError, match="different tensors"):
         ema_update(avg, {"b": second["a"]}, decay=0.5)
+
+
+def test_server_state_carries_the_moving_average_and_it_is_the_output():
+    state = ServerOptState(step=2, ema={"a": np.array([1.5, 2.5], np.float32)})
+    back = ServerOptState.from_arrays(state.to_arrays())
+    assert back.step == 2 and not back.m and not back.v
+    np.testing.assert_array_equal(back.ema["a"], state.ema["a"])
+    assert back.ema["a"].dtype == np.float32
+    latest = {"a": np.zeros(2, np.float32)}
+    np.testing.assert_array_equal(back.output(latest)["a"], state.ema["a"])
+    np.testing.assert_array_equal(ServerOptState().output(latest)["a"], latest["a"])
+    # A server step keeps the average (the coordinator updates it after the step).
+    _, stepped = server_step({"a": latest["a"]}, {"a": latest["a"] + 1}, state, kind="fedavgm")
+    np.testing.assert_array_equal(stepped.ema["a"], state.ema["a"])

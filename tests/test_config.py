@@ -233,6 +233,14 @@ def test_the_dry_run_plan_says_what_trains_and_for_how_many_steps():
         load_config(None, {"server_optimizer.kind": "fedyogi"})
     with pytest.raises(ConfigError, match="server_optimizer"):
         load_config(None, {"server_optimizer.beta1": 1.0})
+    # The moving average of the global adapter: said in the plan, not a server_step argument.
+    ema = {"server_optimizer.ema_decay": 0.9}
+    assert "output: a moving average of the global adapter over rounds (decay 0.9)" in plan(
+        ema, as_json=False)
+    assert plan(ema, as_json=True)["server_optimizer"]["ema_decay"] == 0.9
+    assert "ema_decay" not in load_config(None, ema).server_optimizer.step_arguments()
+    with pytest.raises(ConfigError, match="server_optimizer"):
+        load_config(None, {"server_optimizer.ema_decay": 1.0})
     # A decaying rate is in the plan and said; a constant one is not.
     assert default["lr_schedule"] == {"kind": "constant", "min_fraction": 0.0}
     assert "learning rate:" not in plan({}, as_json=False)

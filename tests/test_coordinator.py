@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import random
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from fedllm.audit import verify_chain
 from fedllm.config import load_config
@@ -15,7 +17,7 @@ from fedllm.coordinator import Coordinator, RunFailed, unpack_checkpoint
 from fedllm.local import LocalTransport
 from fedllm.node import simulated_state_dir
 from fedllm.privacy import plan_dp_sgd
-from fedllm.protocol import TrainReply, unpack_state
+from fedllm.protocol import TrainReply, state_digest, unpack_state
 from fedllm.store import CENTRAL_LEDGER_ID, Store
 
 TINY = {"data.max_examples": 120, "data.max_eval_examples": 40, "train.batch_size": 20,
@@ -67,11 +69,13 @@ class CrashAt(LocalTransport):
 
 
 @pytest.mark.parametrize("server", [{}, {"server_optimizer.kind": "fedadam",
-                                         "server_optimizer.learning_rate": 0.01}],
-                         ids=["fedavg", "fedadam"])
+                                         "server_optimizer.learning_rate": 0.01},
+                                     {"server_optimizer.ema_decay": 0.5}],
+                         ids=["fedavg", "fedadam", "ema"])
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, server):
     """Also with a server optimizer: its moments come back from the round's checkpoint (a
-    fresh Adam state after the resume would step differently)."""
+    fresh Adam state after the resume would step differently), and so does the moving
+    average of the global adapter, which is then the run's output."""
     cfg = tiny_config(**{"federation.rounds": 3, **server})
     a, b = tmp_path / "a", tmp_path / "b"
     same_secrets([a, b], "run-x", 3)
@@ -86,9 +90,24 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, server):
     (xa, sa), (xb, sb) = unpack_checkpoint(cka[1]), unpack_checkpoint(ckb[1])
     for k in xa:
         np.testing.assert_allclose(xa[k], xb[k], rtol=0, atol=1e-6)
-    assert sa.step == sb.step == (3 if server else 0)
+    assert sa.step == sb.step == (3 if "server_optimizer.kind" in server else 0)
     for k in sa.v:
         np.testing.assert_allclose(sa.v[k], sb.v[k], rtol=1e-5, atol=1e-12)
+    assert set(sa.ema) == set(sb.ema) == (set(xa) if "server_optimizer.ema_decay" in server
+                                          else set())
+    for k in sa.ema:
+        np.testing.assert_allclose(sa.ema[k], sb.ema[k], rtol=0, atol=1e-6)
+    # The output (saved adapter, the run's final digest) is the average when one is kept.
+    output = sa.ema or xa
+    with Store(a / "fedllm.db", read_only=True) as store:
+        done = [e.payload for e in store.audit_entries("run-x") if e.event == "run_finished"]
+    assert done[0]["adapter_sha256"] == state_digest(output)
+    saved = load_file(str(Path(stored(a)[0]["adapter_path"]) / "adapter_model.safetensors"))
+    assert set(saved) == set(output)
+    for k in output:
+        np.testing.assert_allclose(saved[k], output[k], rtol=0, atol=1e-6)
+    if sa.ema:
+        assert state_digest(sa.ema) != state_digest(xa)
     # node-1 trained round 2 before the crash: it re-sent that release, ε counted once
     assert [(e["node_id"], e["entry_round"], e["steps"]) for e in la] == \
         [(e["node_id"], e["entry_round"], e["steps"]) for e in lb]
