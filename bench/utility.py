@@ -282,7 +282,7 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                 updates.append((lm.adapter_state(), float(len(full))))
             # The coordinator's step from the FedAvg of the adapters (plain FedAvg by default).
             new_state, server = server_step(global_state, fedavg(updates), server,
-                                            **server_cfg.model_dump())
+                                            **server_cfg.step_arguments())
             lm.load_adapter_state(new_state)
             emas = {d: ema_update(e, new_state, decay=d) for d, e in emas.items()}
         out["noise_multipliers"] = [round(s, 4) for s in sigmas]

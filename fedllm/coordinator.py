@@ -423,7 +423,6 @@ class Coordinator:
             att = self._attempt(rnd, attempt, transport, global_state, label_names)
             self._record_ledgers(att.ledgers)
             if att.new_state is not None:
-                # The config's fields are server_step's keyword arguments.
                 opt = self.config.server_optimizer
                 att.new_state, server = server_step(global_state, att.new_state, self._server,
                                                     **opt.step_arguments())
