@@ -276,9 +276,8 @@ def run_setting(lm: Any, initial: dict, nodes: list, dev: Any, *, eps: float | N
                 # The node's ε is the aggregate's: its steps at the calibrated σ (the same
                 # history as its own noise without --dp-distributed; with --dp-noise-scale
                 # the noise it did add).
-                noted = sigmas[i] if eps is not None and a.dp_distributed else None
-                histories[i].extend((noted if noted is not None else s, q, k)
-                                    for s, q, k in r.history)
+                histories[i].extend((sigmas[i] if eps is not None and a.dp_distributed else s,
+                                     q, k) for s, q, k in r.history)
                 updates.append((lm.adapter_state(), float(len(full))))
             # The coordinator's step from the FedAvg of the adapters (plain FedAvg by default).
             new_state, server = server_step(global_state, fedavg(updates), server,

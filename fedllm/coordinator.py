@@ -344,8 +344,7 @@ class Coordinator:
             self.store.add_event(self.run_id, "error", msg)
             self._end("failed", msg)
             raise
-        self._end("finished", None, stopped_early=stopped,
-                  adapter_sha256=state_digest(self._server.output(global_state)))
+        self._end("finished", None, stopped_early=stopped, adapter_sha256=state_digest(output))
         return RunSummary(self.run_id, "finished", reports, adapter_path, str(self.store.path),
                           model_bytes, adapter_bytes, stopped_early=stopped)
 
