@@ -8,7 +8,8 @@ Opacus' module hooks ("hooks"), or Opacus ghost clipping; the head alone with an
 trains less); FFA-LoRA with and without DP (lora.freeze_a: A fixed, B and the head trained;
 reported apart); no DP and DP linear-hooks with the forward pass in bf16 (train.precision,
 reported apart against their fp32 twins and a bf16 matmul ceiling); the same two with the
-frozen base stored in bf16 (model.base_dtype, a second model; adapter fp32); and the common example
+frozen base stored in bf16 (model.base_dtype, a second model; adapter fp32), these four only
+where the hardware multiplies bf16 (:func:`native_bf16`); and the common example
 setup as reference (every batch padded to max_len 64, batch 32, a fresh model and
 PrivacyEngine per round). Plus this machine's fp32 matmul ceiling and the model's training
 FLOPs per token, giving the fraction of the ceiling reached without DP.
@@ -71,6 +72,16 @@ def train_flops_per_token(lm: Any, ds: TokenizedDataset, samples: int = 64) -> f
     lm.model.zero_grad(set_to_none=True)
     lm.model.eval()
     return counter.get_total_flops() / tokens
+
+
+def native_bf16() -> bool:
+    """Whether this machine multiplies bf16 matrices in hardware (CUDA with bf16; a CPU with
+    AVX-512 BF16 or AMX, as oneDNN reports). Without it, bf16 matmuls are emulated at a
+    fraction of fp32's speed, and the bf16 variants would only measure the emulation, for the
+    better part of an hour: they are then skipped and the JSON says why."""
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def base_param_bytes(lm: Any) -> int:
@@ -157,10 +168,12 @@ def main(argv: list[str] | None = None) -> dict:
     t_load = time.perf_counter()
     lm = load_model(None, task="seq-cls", label_names=LABELS, seed=args.seed)
     load_seconds = time.perf_counter() - t_load
-    # model.base_dtype = "bf16": the frozen base's weights in bf16, the same seeded adapter.
-    lm16 = load_model(None, task="seq-cls", label_names=LABELS, seed=args.seed,
-                      base_dtype="bf16")
-    models = {"fp32": lm, "bf16": lm16}
+    bf16 = native_bf16()
+    models = {"fp32": lm}
+    if bf16:
+        # model.base_dtype = "bf16": the frozen base's weights in bf16, the same seeded adapter.
+        models["bf16"] = load_model(None, task="seq-cls", label_names=LABELS, seed=args.seed,
+                                    base_dtype="bf16")
     ds = tokenize(lm.tokenizer, texts, labels, max_length=128)
     lengths = ds.lengths()
     initial = lm.adapter_state()
@@ -169,7 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
     warm = TokenizedDataset(ds.input_ids[:physical], labels[:physical])
     train_local(lm, warm, epochs=1, batch_size=physical, physical_batch_size=physical,
                 learning_rate=1e-3, dp=DPParams(1.0, 1.0), seed=0, clipping="hooks")
-    for m, precision in ((lm, "fp32"), (lm, "bf16"), (lm16, "fp32")):
+    for m, precision in ((lm, "fp32"), (lm, "bf16"), (models.get("bf16"), "fp32")):
+        if m is None or (precision == "bf16" and not bf16):
+            continue
         # (bf16: oneDNN builds its kernels on first use)
         train_local(m, warm, epochs=1, batch_size=physical, physical_batch_size=physical,
                     learning_rate=1e-3, dp=DPParams(1.0, 1.0), seed=0,
@@ -178,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # LoRA + head (the targets' workload), then the head alone (LoRA at rate 0: a DP linear
     # probe of the frozen encoder, no backward through it), reported apart: it trains less.
-    variants: dict[str, dict[str, Any]] = {
+    all_variants: dict[str, dict[str, Any]] = {
         "no_dp": {"dp": None, "clipping": "auto", "lr": 1e-3},
         "dp_linear_hooks": {"dp": DPParams(1.0, 1.0), "clipping": "linear-hooks", "lr": 1e-3},
         "dp_hooks": {"dp": DPParams(1.0, 1.0), "clipping": "hooks", "lr": 1e-3},
@@ -199,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
         "dp_linear_hooks_bf16_base": {"dp": DPParams(1.0, 1.0), "clipping": "linear-hooks",
                                       "lr": 1e-3, "base": "bf16"},
     }
+    variants = {k: v for k, v in all_variants.items() if bf16 or not k.endswith(("_bf16",
+                                                                                "_bf16_base"))}
     best: dict[str, dict[str, float]] = {}
     runs: dict[str, list[float]] = {name: [] for name in variants}  # samples/s per repeat
     for rep in range(repeats):
@@ -231,8 +248,6 @@ def main(argv: list[str] | None = None) -> dict:
     flops_tok = train_flops_per_token(lm, ds)
     ceiling_s = 0.5 if args.smoke else 1.0 if args.quick else 2.0
     ceiling = matmul_ceiling_gflops(seconds=ceiling_s)
-    ceiling_bf16 = matmul_ceiling_gflops(seconds=ceiling_s,
-                                         dtype=torch.bfloat16)
     no_dp_gflops = best["no_dp"]["tokens_per_s"] * flops_tok / 1e9
     best_dp = max(("dp_linear_hooks", "dp_hooks", "dp_ghost"),
                   key=lambda k: best[k]["samples_per_s"])
@@ -271,26 +286,34 @@ def main(argv: list[str] | None = None) -> dict:
         "ffa": {"dp_vs_nodp_ratio": ratio("ffa_dp", "ffa_no_dp"),
                 "dp_vs_lora_dp": ratio("ffa_dp", best_dp),
                 "no_dp_vs_lora_no_dp": ratio("ffa_no_dp", "no_dp")},
-        "bf16": {"no_dp_vs_fp32": ratio("no_dp_bf16", "no_dp"),
-                 "dp_vs_fp32": ratio("dp_linear_hooks_bf16", "dp_linear_hooks"),
-                 "dp_vs_nodp_ratio": ratio("dp_linear_hooks_bf16", "no_dp_bf16"),
-                 "dp_vs_nodp_paired_median": round(float(np.median(
-                     [d / b for d, b in zip(runs["dp_linear_hooks_bf16"], runs["no_dp_bf16"],
-                                            strict=True)])), 3),
-                 "matmul_ceiling_gflops": round(ceiling_bf16, 1),
-                 "ceiling_fraction": round(best["no_dp_bf16"]["tokens_per_s"] * flops_tok
-                                           / 1e9 / ceiling_bf16, 3)},
-        "bf16_base": {"no_dp_vs_fp32": ratio("no_dp_bf16_base", "no_dp"),
-                      "dp_vs_fp32": ratio("dp_linear_hooks_bf16_base", "dp_linear_hooks"),
-                      "dp_vs_nodp_ratio": ratio("dp_linear_hooks_bf16_base", "no_dp_bf16_base"),
-                      "base_param_bytes_vs_fp32": round(
-                          base_param_bytes(lm16) / base_param_bytes(lm), 3)},
         "matmul_ceiling_gflops": round(ceiling, 1),
         "train_flops_per_token": round(flops_tok),
         "no_dp_gflops": round(no_dp_gflops, 2),
         "ceiling_fraction": round(no_dp_gflops / ceiling, 3),
         "model_load_seconds": round(load_seconds, 2),
     }
+    if bf16:
+        ceiling_bf16 = matmul_ceiling_gflops(seconds=ceiling_s, dtype=torch.bfloat16)
+        result["bf16"] = {
+            "no_dp_vs_fp32": ratio("no_dp_bf16", "no_dp"),
+            "dp_vs_fp32": ratio("dp_linear_hooks_bf16", "dp_linear_hooks"),
+            "dp_vs_nodp_ratio": ratio("dp_linear_hooks_bf16", "no_dp_bf16"),
+            "dp_vs_nodp_paired_median": round(float(np.median(
+                [d / b for d, b in zip(runs["dp_linear_hooks_bf16"], runs["no_dp_bf16"],
+                                       strict=True)])), 3),
+            "matmul_ceiling_gflops": round(ceiling_bf16, 1),
+            "ceiling_fraction": round(best["no_dp_bf16"]["tokens_per_s"] * flops_tok
+                                      / 1e9 / ceiling_bf16, 3)}
+        result["bf16_base"] = {
+            "no_dp_vs_fp32": ratio("no_dp_bf16_base", "no_dp"),
+            "dp_vs_fp32": ratio("dp_linear_hooks_bf16_base", "dp_linear_hooks"),
+            "dp_vs_nodp_ratio": ratio("dp_linear_hooks_bf16_base", "no_dp_bf16_base"),
+            "base_param_bytes_vs_fp32": round(
+                base_param_bytes(models["bf16"]) / base_param_bytes(lm), 3)}
+    else:
+        result["bf16"] = result["bf16_base"] = {
+            "skipped": "no native bf16 matmul here (CPU capability "
+                       f"{torch.backends.cpu.get_cpu_capability()})"}
     if not all(math.isfinite(v) for v in result["samples_per_s"].values()):
         raise SystemExit("non-finite throughput")
     from pathlib import Path
