@@ -75,12 +75,10 @@ def train_flops_per_token(lm: Any, ds: TokenizedDataset, samples: int = 64) -> f
 
 
 def native_bf16() -> bool:
-    """Whether this machine multiplies bf16 matrices in hardware (CUDA with bf16; a CPU with
-    AVX-512 BF16 or AMX, as oneDNN reports). Without it, bf16 matmuls are emulated at a
+    """Whether this CPU (where the benchmark trains) multiplies bf16 matrices in hardware
+    (AVX-512 BF16 or AMX, as oneDNN reports). Without it, bf16 matmuls are emulated at a
     fraction of fp32's speed, and the bf16 variants would only measure the emulation, for the
     better part of an hour: they are then skipped and the JSON says why."""
-    if torch.cuda.is_available():
-        return bool(torch.cuda.is_bf16_supported())
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
