@@ -6,7 +6,9 @@ hooks on the linear layers (fedllm.grad_sample, "linear-hooks", the default for 
 Opacus' module hooks ("hooks"), or Opacus ghost clipping; the head alone with and without DP
 (LoRA at learning rate 0: a DP linear probe of the frozen encoder, reported apart since it
 trains less); FFA-LoRA with and without DP (lora.freeze_a: A fixed, B and the head trained;
-reported apart); no DP and DP linear-hooks with the forward pass in bf16 (train.precision,
+reported apart); no DP with the checkpoint's sdpa attention on every batch (before session 29
+fedllm's kernel; now short CPU batches run eager, model.attention_by_length; reported apart);
+no DP and DP linear-hooks with the forward pass in bf16 (train.precision,
 reported apart against their fp32 twins and a bf16 matmul ceiling); the same two with the
 frozen base stored in bf16 (model.base_dtype, a second model; adapter fp32), these four only
 where the hardware multiplies bf16 (:func:`native_bf16`); and the common example
@@ -167,7 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
     lm = load_model(None, task="seq-cls", label_names=LABELS, seed=args.seed)
     load_seconds = time.perf_counter() - t_load
     bf16 = native_bf16()
-    models = {"fp32": lm}
+    # The attention kernel fedllm no longer uses on CPU for short batches (the checkpoint's
+    # sdpa everywhere, as before session 29), to measure what the per-length choice buys.
+    models = {"fp32": lm, "sdpa": load_model(None, task="seq-cls", label_names=LABELS,
+                                             seed=args.seed, cpu_eager_attention_max_tokens=0)}
     if bf16:
         # model.base_dtype = "bf16": the frozen base's weights in bf16, the same seeded adapter.
         models["bf16"] = load_model(None, task="seq-cls", label_names=LABELS, seed=args.seed,
@@ -180,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     # probe of the frozen encoder, no backward through it), reported apart: it trains less.
     all_variants: dict[str, dict[str, Any]] = {
         "no_dp": {"dp": None, "clipping": "auto", "lr": 1e-3},
+        # no DP with the loaded attention kernel (sdpa) on every batch; reported apart.
+        "no_dp_sdpa": {"dp": None, "clipping": "auto", "lr": 1e-3, "base": "sdpa"},
         "dp_linear_hooks": {"dp": DPParams(1.0, 1.0), "clipping": "linear-hooks", "lr": 1e-3},
         "dp_hooks": {"dp": DPParams(1.0, 1.0), "clipping": "hooks", "lr": 1e-3},
         "dp_ghost": {"dp": DPParams(1.0, 1.0), "clipping": "ghost", "lr": 1e-3},
@@ -278,6 +285,12 @@ def main(argv: list[str] | None = None) -> dict:
         "vs_reference": ratio("no_dp", "reference", 2),
         "dp_vs_reference": ratio(best_dp, "reference", 2),
         "ghost_vs_hooks": ratio("dp_ghost", "dp_hooks"),
+        # fedllm's attention kernel by batch length (eager on short CPU batches) against sdpa
+        # on every batch; per repeat, next to each other, and best / best.
+        "attention": {"no_dp_vs_sdpa": ratio("no_dp", "no_dp_sdpa"),
+                      "no_dp_vs_sdpa_paired_median": round(float(np.median(
+                          [a / b for a, b in zip(runs["no_dp"], runs["no_dp_sdpa"],
+                                                 strict=True)])), 3)},
         "linear_hooks_vs_hooks": ratio("dp_linear_hooks", "dp_hooks"),
         "head_only": {"dp_vs_nodp_ratio": ratio("head_only_dp", "head_only_no_dp"),
                       "dp_vs_lora_dp": ratio("head_only_dp", best_dp, 2)},

@@ -215,3 +215,40 @@ def test_bf16_base_keeps_the_adapter_fp32_and_the_function_close(minilm, tmp_pat
     back = load_trained(tmp_path / "ad16")
     assert back.base_dtype == "bf16"
     assert evaluate(back, ds) == pytest.approx(evaluate(lm, ds))
+
+
+def test_attention_kernel_follows_batch_length_on_cpu_and_is_exact(minilm):
+    # Short CPU batches run "eager" attention (SDPA's CPU kernel is ~4x slower there), long
+    # ones the checkpoint's sdpa; the model's function and gradients are the same either way.
+    sdpa_only = load_model(None, task="seq-cls", label_names=("0", "1"), seed=0,
+                           cpu_eager_attention_max_tokens=0)
+    seen: list[str] = []
+
+    def record(module, args, out):
+        seen.append(module.config._attn_implementation)
+
+    hooks = [m.model.base_model.model.encoder.register_forward_hook(record)
+             for m in (minilm, sdpa_only)]
+    short = ["a fine , warm film", "not good at all"]
+    long = [" ".join(["a surprisingly moving and well acted story"] * 30), "too long"]
+    try:
+        for texts, expected in ((short, ["eager", "sdpa"]), (long, ["sdpa", "sdpa"])):
+            enc = minilm.tokenizer(texts, padding=True, truncation=True, max_length=256,
+                                   return_tensors="pt")
+            assert (enc["input_ids"].shape[1] <= 128) == (texts is short)
+            seen.clear()
+            logits, grads = [], []
+            for m in (minilm, sdpa_only):
+                m.model.zero_grad()
+                out = m.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+                out.sum().backward()
+                logits.append(out.detach())
+                grads.append(torch.cat([p.grad.flatten() for n, p in m.model.named_parameters()
+                                        if "lora_B" in n]))
+            assert seen == expected
+            torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    finally:
+        for h in hooks:
+            h.remove()
+        minilm.model.zero_grad()
