@@ -49,7 +49,8 @@ def test_throughput_smoke(tmp_path):
     from bench.throughput import native_bf16
 
     bf16 = {"no_dp_bf16", "dp_linear_hooks_bf16", "no_dp_bf16_base", "dp_linear_hooks_bf16_base"}
-    assert set(row["samples_per_s"]) == {"no_dp", "dp_linear_hooks", "dp_hooks", "dp_ghost",
+    assert set(row["samples_per_s"]) == {"no_dp", "no_dp_sdpa", "dp_linear_hooks", "dp_hooks",
+                                         "dp_ghost",
                                          "head_only_no_dp", "head_only_dp", "ffa_no_dp",
                                          "ffa_dp", "reference"} | (bf16 if native_bf16() else set())
     # the head alone trains less
@@ -62,6 +63,13 @@ def test_throughput_smoke(tmp_path):
     else:  # emulated bf16 would take most of an hour to measure nothing useful
         assert "no native bf16" in row["bf16"]["skipped"]
     assert all(v > 0 for v in row["samples_per_s"].values())
+    assert set(row["attention"]) == {"no_dp_vs_sdpa", "no_dp_vs_sdpa_paired_median"}
+    # the ceiling is read once per repeat, next to no DP's run
+    repeats = row["config"]["repeats"]
+    assert len(row["matmul_ceiling_gflops_per_repeat"]) == repeats
+    assert len(row["ceiling_fraction_per_repeat"]) == repeats
+    assert row["matmul_ceiling_gflops"] == max(row["matmul_ceiling_gflops_per_repeat"])
+    assert row["ceiling_fraction_best_vs_max"] > 0
     for key in ("dp_vs_nodp_ratio", "dp_vs_nodp_token_ratio", "linear_hooks_vs_hooks",
                 "ceiling_fraction", "vs_reference"):
         assert row[key] > 0
