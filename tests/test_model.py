@@ -252,3 +252,35 @@ def test_attention_kernel_follows_batch_length_on_cpu_and_is_exact(minilm):
         for h in hooks:
             h.remove()
         minilm.model.zero_grad()
+
+
+def test_causal_lm_generation_switching_kernels_mid_way_equals_sdpa(tiny_causal_lm):
+    # A prompt longer than the eager limit prefills with sdpa; every decoding step (one new
+    # token against the cache) then runs eager. Losses on a padded batch and the greedy
+    # continuation must equal sdpa throughout.
+    from fedllm.evaluate import generate
+    from fedllm.train import example_losses
+
+    mixed = load_model(str(tiny_causal_lm), task="causal-lm", seed=0,
+                       cpu_eager_attention_max_tokens=8)
+    sdpa_only = load_model(str(tiny_causal_lm), task="causal-lm", seed=0,
+                           cpu_eager_attention_max_tokens=0)
+    seen: list[str] = []
+    hook = mixed.model.get_base_model().register_forward_hook(
+        lambda m, a, o: seen.append(m.config._attn_implementation))
+    try:
+        prompt = "the film is a warm , funny and moving story about two old friends who"
+        assert mixed.tokenizer(prompt, return_tensors="pt")["input_ids"].shape[1] > 8
+        assert generate(mixed, [prompt], max_new_tokens=6) == \
+            generate(sdpa_only, [prompt], max_new_tokens=6)
+        assert seen[0] == "sdpa" and set(seen[1:]) == {"eager"}
+        enc = mixed.tokenizer(["a short one", "a rather longer sentence than the other one"],
+                              padding=True, return_tensors="pt")
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        for short in (True, False):  # eager below the limit, sdpa above it
+            b = {k: v[:, :6] for k, v in batch.items()} if short else batch
+            torch.testing.assert_close(example_losses(mixed.model, b, "causal-lm"),
+                                       example_losses(sdpa_only.model, b, "causal-lm"),
+                                       rtol=1e-5, atol=1e-5)
+    finally:
+        hook.remove()
