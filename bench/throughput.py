@@ -268,9 +268,15 @@ def main(argv: list[str] | None = None) -> dict:
     fractions = [t * flops_tok / 1e9 / c for t, c in zip(no_dp_tps, ceilings, strict=True)]
     best_dp = max(("dp_linear_hooks", "dp_hooks", "dp_ghost"),
                   key=lambda k: best[k]["samples_per_s"])
+    def per_repeat(a: str, b: str) -> list[float]:  # a / b, each repeat's runs side by side
+        return [x / y for x, y in zip(runs[a], runs[b], strict=True)]
+
+    def median(xs: list[float]) -> float:
+        return round(float(np.median(xs)), 3)
+
     # Per repeat, the best DP variant against no DP measured next to it (adjacent in the ABBA
     # order); the median is robust to one repeat hit by machine noise.
-    paired = [d / b for d, b in zip(runs[best_dp], runs["no_dp"], strict=True)]
+    paired = per_repeat(best_dp, "no_dp")
 
     def ratio(a: str, b: str, digits: int = 3) -> float:
         return round(best[a]["samples_per_s"] / best[b]["samples_per_s"], digits)
@@ -288,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         "best_dp_variant": best_dp,
         "dp_vs_nodp_ratio": ratio(best_dp, "no_dp"),
         "dp_vs_nodp_paired": [round(x, 3) for x in paired],
-        "dp_vs_nodp_paired_median": round(float(np.median(paired)), 3),
+        "dp_vs_nodp_paired_median": median(paired),
         # The same on non-padding tokens/s: Poisson sampling draws a different number and mix
         # of examples each run (a round's DP tokens per example vary by a few %), which the
         # samples/s ratio counts as speed.
@@ -300,9 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
         # fedllm's attention kernel by batch length (eager on short CPU batches) against sdpa
         # on every batch; per repeat, next to each other, and best / best.
         "attention": {"no_dp_vs_sdpa": ratio("no_dp", "no_dp_sdpa"),
-                      "no_dp_vs_sdpa_paired_median": round(float(np.median(
-                          [a / b for a, b in zip(runs["no_dp"], runs["no_dp_sdpa"],
-                                                 strict=True)])), 3)},
+                      "no_dp_vs_sdpa_paired_median": median(per_repeat("no_dp", "no_dp_sdpa"))},
         "linear_hooks_vs_hooks": ratio("dp_linear_hooks", "dp_hooks"),
         "head_only": {"dp_vs_nodp_ratio": ratio("head_only_dp", "head_only_no_dp"),
                       "dp_vs_lora_dp": ratio("head_only_dp", best_dp, 2)},
@@ -313,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
         "matmul_ceiling_gflops_per_repeat": [round(c, 1) for c in ceilings],
         "train_flops_per_token": round(flops_tok),
         "no_dp_gflops": round(no_dp_gflops, 2),
-        "ceiling_fraction": round(float(np.median(fractions)), 3),
+        "ceiling_fraction": median(fractions),
         "ceiling_fraction_per_repeat": [round(f, 3) for f in fractions],
         "ceiling_fraction_best_vs_max": round(no_dp_gflops / max(ceilings), 3),
         "model_load_seconds": round(load_seconds, 2),
@@ -324,9 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
             "no_dp_vs_fp32": ratio("no_dp_bf16", "no_dp"),
             "dp_vs_fp32": ratio("dp_linear_hooks_bf16", "dp_linear_hooks"),
             "dp_vs_nodp_ratio": ratio("dp_linear_hooks_bf16", "no_dp_bf16"),
-            "dp_vs_nodp_paired_median": round(float(np.median(
-                [d / b for d, b in zip(runs["dp_linear_hooks_bf16"], runs["no_dp_bf16"],
-                                       strict=True)])), 3),
+            "dp_vs_nodp_paired_median": median(per_repeat("dp_linear_hooks_bf16",
+                                                           "no_dp_bf16")),
             "matmul_ceiling_gflops": round(ceiling_bf16, 1),
             "ceiling_fraction": round(best["no_dp_bf16"]["tokens_per_s"] * flops_tok
                                       / 1e9 / ceiling_bf16, 3)}
